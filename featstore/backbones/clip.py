@@ -1,0 +1,215 @@
+"""OpenCLIP vision towers (`clip`): CLS = the pooled, projected image embedding; patches = ln_post(tokens) @ proj.
+
+Only the vision tower is built (no text tower), from open_clip's model config; preprocessing comes from open_clip's
+config for the pretrained tag (size, mean/std, interpolation, resize mode), so the two cannot drift.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import BadArgumentError, WeightsError
+from . import register
+from .base import (
+    Backbone,
+    Preprocess,
+    hf_hub_file,
+    load_state_dict_file,
+    load_strict,
+    one_line,
+    resolve_layer,
+    seeded_init,
+    sha256_file,
+    url_reachable,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARCH = "ViT-L-14"
+DEFAULT_TAG = "openai"
+# A CLIP-shaped vision tower small enough for tests: 224 px, patch 14 -> 16x16 grid, 2 heads of 32.
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "patch_size": 14, "width": 64, "layers": 2, "head_width": 32},
+}
+WEIGHTS_HINT = "use --weights PATH for a local checkpoint or --weights random"
+
+
+@dataclass
+class Clip(Backbone):
+    """open_clip VisionTransformer run piece by piece: embeddings, resblocks[:layer + 1], ln_post, proj."""
+
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (14, 14)
+
+    def token_shape(self, input_hw: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
+        if tuple(input_hw) != self.image_size:
+            raise BadArgumentError(f"clip takes {self.image_size} inputs, got {tuple(input_hw)}")
+        gh, gw = self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1]
+        return 1 + gh * gw, int(self.module.proj.shape[1]), (gh, gw)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.module
+        self.token_shape(tuple(x.shape[-2:]))
+        x = x.to(device=v.proj.device, dtype=v.proj.dtype)
+        x = v.conv1(x).flatten(2).transpose(1, 2)  # [B, grid, width]
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.ln_pre(v.patch_dropout(x))
+        t = v.transformer
+        batch_first = getattr(t, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for blk in t.resblocks[: self.layer + 1]:
+            x = blk(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        # 'tok' pooling: the pooled embedding is ln_post(x)[:, 0] @ proj, so one matmul gives CLS and patches.
+        return (v.ln_post(x) @ v.proj).float()
+
+
+def _tag_for(arch: str) -> str | None:
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if DEFAULT_TAG in tags:
+        return DEFAULT_TAG
+    return tags[0] if tags else None
+
+
+def _build_visual(arch: str, quick_gelu: bool) -> torch.nn.Module:
+    import open_clip
+    from open_clip.model import _build_vision_tower
+    from open_clip.transformer import VisionTransformer
+
+    cfg = TINY if arch == "tiny" else open_clip.get_model_config(arch)
+    if cfg is None:
+        raise BadArgumentError(f"unknown --arch {arch!r} for clip: not an open_clip model name")
+    visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", quick_gelu))
+    if not (
+        isinstance(visual, VisionTransformer)
+        and visual.attn_pool is None
+        and visual.pool_type == "tok"
+        and not visual.final_ln_after_pool
+        and visual.proj is not None
+    ):
+        raise BadArgumentError(f"--arch {arch!r} is not a CLS-pooled open_clip ViT; only those are supported")
+    return visual
+
+
+def _visual_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole-model (visual.*) or vision-tower-only state dict -> vision tower keys."""
+    if any(k.startswith("visual.") for k in state_dict):
+        return {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
+    return state_dict
+
+
+def _pretrained(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
+    """Local path of open_clip's pretrained file (cache first, then open_clip's download), never random."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    tried = []
+    hf, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    if hf:
+        repo, fn = os.path.split(hf)  # 'org/name/' (default file) or 'org/name/file'
+        fn = fn or "open_clip_pytorch_model.bin"
+        stem, ext = os.path.splitext(fn)
+        safe = "open_clip_model.safetensors" if fn == "open_clip_pytorch_model.bin" else stem + ".safetensors"
+        files = [safe, fn] if ext in (".bin", ".pth") else [fn]  # safetensors first, as open_clip does
+        try:
+            return hf_hub_file(repo, files), {"kind": "pretrained", "name": f"{arch}/{tag}"}
+        except OSError as e:
+            tried.append(f"hf-hub {repo}: {one_line(e)}")
+    if url:
+        cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if cached.is_file() or url_reachable(url):
+            try:
+                path = open_clip.download_pretrained({"url": url}, prefer_hf_hub=False)
+                return path, {"kind": "pretrained", "name": f"{arch}/{tag}"}
+            except Exception as e:  # noqa: BLE001 - report below as one line
+                tried.append(f"{url}: {one_line(e)}")
+        else:
+            tried.append(f"{url}: unreachable")
+    reason = "; ".join(tried) if tried else "open_clip knows no source"
+    raise WeightsError(f"cannot get pretrained weights for {arch}/{tag} ({reason}); {WEIGHTS_HINT}")
+
+
+@register("clip")
+def clip(layer: int = -1, weights: str = "pretrained", arch: str | None = None, seed: int = 0,
+         image_size: int | None = None) -> Clip:
+    """OpenCLIP ViT-L-14 (openai) tokens of block `layer` through ln_post and proj: [B, 257, 768]."""
+    arch = arch or DEFAULT_ARCH
+    if weights not in ("pretrained", "random") and not Path(weights).is_file():
+        raise WeightsError(f"--weights {weights!r} is neither 'pretrained', 'random' nor an existing file")
+    if arch == "tiny" and weights == "pretrained":
+        raise WeightsError(f"--arch tiny has no pretrained weights; {WEIGHTS_HINT}")
+    import open_clip
+
+    if arch != "tiny" and open_clip.get_model_config(arch) is None:
+        raise BadArgumentError(f"unknown --arch {arch!r} for clip: not an open_clip model name")
+    tag = None if arch == "tiny" else _tag_for(arch)
+    tag_cfg: dict[str, Any] = {}
+    if tag is not None:
+        tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
+    elif weights == "pretrained":
+        raise WeightsError(f"open_clip has no pretrained tag for {arch}; {WEIGHTS_HINT}")
+    if weights == "random":
+        seeded_init(seed)
+    # OpenAI weights were trained with QuickGELU; the tag's config says so (open_clip 3 no longer forces it).
+    visual = _build_visual(arch, quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+    num_layers = len(visual.transformer.resblocks)
+    k = resolve_layer(layer, num_layers)
+    size = tuple(visual.image_size)
+    if image_size is not None and (image_size, image_size) != size:
+        raise BadArgumentError(f"clip {arch} takes {size[0]}px images; --image_size {image_size} is not supported")
+    pre = _preprocess(size, tag_cfg, arch)
+    if weights == "random":
+        identity: dict[str, Any] = {"kind": "random", "seed": int(seed)}
+    else:
+        if weights == "pretrained":
+            path, identity = _pretrained(arch, tag)
+            source = f"{identity['name']} ({path})"
+        else:
+            path, source = weights, weights
+            identity = {"kind": "file", "name": Path(weights).name}
+        log.info("loading clip weights from %s", path)
+        load_strict(visual, _visual_keys(load_state_dict_file(path)), source)
+        identity["sha256"] = sha256_file(path)
+    visual.eval().requires_grad_(False)
+    return Clip(
+        name="clip", arch=arch, layer=k, num_layers=num_layers, preprocess=pre,
+        weights=identity, module=visual, image_size=size, patch_size=tuple(visual.patch_size),
+    )
+
+
+def _preprocess(size: tuple[int, int], tag_cfg: dict[str, Any], arch: str) -> Preprocess:
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    pp = merge_preprocess_dict(PreprocessCfg(size=size[0]), tag_cfg)
+    common = {"mean": tuple(pp["mean"]), "std": tuple(pp["std"]), "resize": size[0], "interpolation": pp["interpolation"]}
+    if size[0] == size[1] and pp["resize_mode"] == "shortest":
+        return Preprocess(**common, resize_mode="shortest", crop=size[0])
+    if size[0] == size[1] and pp["resize_mode"] == "squash":
+        return Preprocess(**common, resize_mode="squash")
+    raise BadArgumentError(f"clip {arch}: open_clip preprocessing {asdict(PreprocessCfg(**pp))} is not supported")
+
+
+def clip_preprocess(arch: str | None = None) -> Preprocess:
+    """The preprocessing `get_backbone("clip", arch=arch)` uses, from open_clip's configs, without building it."""
+    import open_clip
+
+    arch = arch or DEFAULT_ARCH
+    cfg = TINY if arch == "tiny" else open_clip.get_model_config(arch)
+    if cfg is None:
+        raise BadArgumentError(f"unknown --arch {arch!r} for clip: not an open_clip model name")
+    size = cfg["vision_cfg"].get("image_size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    tag = None if arch == "tiny" else _tag_for(arch)
+    return _preprocess(size, open_clip.get_pretrained_cfg(arch, tag) if tag else {}, arch)

@@ -1,0 +1,241 @@
+"""DINOv2 ViTs (timm modules, official or timm weights): `dinov2` (normed block tokens), `dinov2_q` (block queries).
+
+The positional embedding is resized with the reference DINOv2 recipe (bicubic, scale factor (g + 0.1) / M, no
+antialias), not timm's `resample_abs_pos_embed` (output size, antialias): at 434 px the two differ by ~1%, and only the
+reference matches the features of the official torch.hub model that the legacy pipeline used.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadArgumentError, WeightsError
+from . import register
+from .base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    Preprocess,
+    hf_hub_file,
+    load_state_dict_file,
+    load_strict,
+    one_line,
+    resolve_layer,
+    seeded_init,
+    sha256_file,
+    url_reachable,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARCH = "vit_base_patch14_dinov2.lvd142m"
+# A DINOv2-shaped ViT small enough for tests: patch 14, 37x37 position grid (518 px), layer scale.
+TINY = {"img_size": 518, "patch_size": 14, "embed_dim": 48, "depth": 3, "num_heads": 3, "init_values": 1e-5}
+WEIGHTS_HINT = "use --weights PATH for a local checkpoint or --weights random"
+
+
+def interpolate_pos_encoding(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+    """Position embedding [1, P + M*M, C] for a (gh, gw) patch grid, exactly as facebookresearch/dinov2 does it.
+
+    Bicubic with scale factor ((g + 0.1) / M) (the operator uses the scale, not only the output size), no
+    antialias, in float32; returned unchanged for the native M x M grid.
+    """
+    n = pos_embed.shape[1] - num_prefix
+    m = int(math.sqrt(n))
+    if m * m != n:
+        raise BadArgumentError(f"position embedding of {n} patches is not a square grid")
+    gh, gw = grid
+    if (gh, gw) == (m, m):
+        return pos_embed
+    pe = pos_embed.float()
+    patch = pe[:, num_prefix:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    patch = F.interpolate(
+        patch, scale_factor=((gh + 0.1) / m, (gw + 0.1) / m), mode="bicubic", antialias=False
+    )
+    if tuple(patch.shape[-2:]) != (gh, gw):  # cannot happen for g >= 1; guards the scale-factor kludge
+        raise BadArgumentError(f"position embedding interpolation gave {tuple(patch.shape[-2:])}, not {(gh, gw)}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+    return torch.cat([pe[:, :num_prefix], patch], dim=1).to(pos_embed.dtype)
+
+
+class _StopForward(Exception):
+    """Raised by the query hook: the rest of the block is not needed."""
+
+
+@dataclass
+class DinoV2(Backbone):
+    """timm VisionTransformer run piece by piece: patch embed, reference pos-embed, blocks[:layer + 1]."""
+
+    patch_size: int = 14
+    queries: bool = False  # dinov2_q: the query projection of block `layer`; dinov2: norm(block output)
+
+    def token_shape(self, input_hw: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
+        gh, gw = input_hw[0] // self.patch_size, input_hw[1] // self.patch_size
+        if gh < 1 or gw < 1:
+            raise BadArgumentError(f"input {tuple(input_hw)} is smaller than one {self.patch_size}px patch")
+        return 1 + gh * gw, int(self.module.embed_dim), (gh, gw)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens entering block 0: [CLS, patches] + interpolated position embedding."""
+        m = self.module
+        x = m.patch_embed(x)  # dynamic_img_size: NHWC grid
+        b, gh, gw, c = x.shape
+        x = torch.cat([m.cls_token.expand(b, -1, -1), x.reshape(b, gh * gw, c)], dim=1)
+        x = x + interpolate_pos_encoding(m.pos_embed, (gh, gw))
+        return m.norm_pre(m.patch_drop(m.pos_drop(x)))  # identities in eval mode for DINOv2
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        x = self.embed(x.to(device=m.cls_token.device, dtype=m.cls_token.dtype))
+        for blk in m.blocks[: self.layer]:
+            x = blk(x)
+        blk = m.blocks[self.layer]
+        if not self.queries:
+            return m.norm(blk(x)).float()
+        dim = x.shape[-1]
+        taken: dict[str, torch.Tensor] = {}
+
+        def hook(_mod: torch.nn.Module, _inp: Any, out: torch.Tensor) -> None:
+            taken["q"] = out[..., :dim]  # qkv channels are [q | k | v], each heads concatenated
+            raise _StopForward
+
+        handle = blk.attn.qkv.register_forward_hook(hook)
+        try:
+            blk(x)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return taken["q"].float()
+
+
+def _check_weights_arg(weights: str) -> None:
+    if weights in ("pretrained", "random"):
+        return
+    if not Path(weights).is_file():
+        raise WeightsError(f"--weights {weights!r} is neither 'pretrained', 'random' nor an existing file")
+
+
+def _build_module(arch: str) -> torch.nn.Module:
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if arch == "tiny":
+        model = VisionTransformer(num_classes=0, dynamic_img_size=True, **TINY)
+    else:
+        if not timm.is_model(arch):
+            raise BadArgumentError(f"unknown --arch {arch!r} for dinov2: not a timm model name")
+        img = timm.models.get_pretrained_cfg(arch).input_size[-1]
+        model = timm.create_model(arch, pretrained=False, num_classes=0, img_size=img, dynamic_img_size=True)
+    if not isinstance(model, VisionTransformer) or model.cls_token is None:
+        raise BadArgumentError(f"--arch {arch!r} is not a timm VisionTransformer with a CLS token")
+    if model.num_reg_tokens or model.no_embed_class:
+        raise BadArgumentError(f"--arch {arch!r} has register tokens; only DINOv2 models without registers are supported")
+    return model
+
+
+def _to_timm_layout(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """Official DINOv2 (mask_token, w12/w3) or timm layout -> timm keys; a different grid is an error, not a resize."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    pe = state_dict.get("pos_embed")
+    if pe is not None and pe.shape != model.pos_embed.shape:
+        raise WeightsError(
+            f"weights {source} have pos_embed {tuple(pe.shape)}, the architecture {tuple(model.pos_embed.shape)}"
+        )
+    return checkpoint_filter_fn(dict(state_dict), model)
+
+
+def _pretrained(arch: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Official checkpoint (torch hub cache/URL), else timm's hub weights; never random."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    tried = []
+    if cfg is not None and cfg.url:
+        name = os.path.basename(urlparse(cfg.url).path)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+        if cached.is_file() or url_reachable(cfg.url):
+            try:
+                sd = torch.hub.load_state_dict_from_url(
+                    cfg.url, map_location="cpu", weights_only=True, progress=False, file_name=name
+                )
+                log.info("loaded official DINOv2 weights %s", cached)
+                return sd, {"kind": "pretrained", "name": name, "sha256": sha256_file(cached)}
+            except Exception as e:  # noqa: BLE001 - fall back to the timm hub
+                tried.append(f"{cfg.url}: {one_line(e)}")
+        else:
+            tried.append(f"{cfg.url}: unreachable")
+    if cfg is not None and cfg.hf_hub_id:
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        try:
+            path = hf_hub_file(cfg.hf_hub_id, files)
+            log.info("loaded timm DINOv2 weights %s", path)
+            return load_state_dict_file(path), {"kind": "pretrained", "name": cfg.hf_hub_id, "sha256": sha256_file(path)}
+        except (OSError, WeightsError) as e:
+            tried.append(f"hf-hub {cfg.hf_hub_id}: {one_line(e)}")
+    reason = "; ".join(tried) if tried else "timm knows no pretrained source"
+    raise WeightsError(f"cannot get pretrained weights for {arch} ({reason}); {WEIGHTS_HINT}")
+
+
+def build_dinov2(
+    name: str, *, queries: bool, layer: int, weights: str, arch: str | None, seed: int, image_size: int | None
+) -> DinoV2:
+    arch = arch or DEFAULT_ARCH
+    _check_weights_arg(weights)
+    if arch == "tiny" and weights == "pretrained":
+        raise WeightsError(f"--arch tiny has no pretrained weights; {WEIGHTS_HINT}")
+    if weights == "random":
+        seeded_init(seed)
+    model = _build_module(arch)
+    num_layers = len(model.blocks)
+    k = resolve_layer(layer, num_layers)
+    if weights == "random":
+        identity: dict[str, Any] = {"kind": "random", "seed": int(seed)}
+    else:
+        if weights == "pretrained":
+            sd, identity = _pretrained(arch)
+            source = f"{identity['name']} (pretrained)"
+        else:
+            sd, source = load_state_dict_file(weights), weights
+            identity = {"kind": "file", "name": Path(weights).name, "sha256": sha256_file(weights)}
+        load_strict(model, _to_timm_layout(sd, model, source), source)
+    model.eval().requires_grad_(False)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    patch = model.patch_embed.patch_size[0]
+    pre = Preprocess(
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+        resize=image_size,
+        interpolation="bicubic",
+        pad_multiple=patch,
+    )
+    return DinoV2(
+        name=name, arch=arch, layer=k, num_layers=num_layers, preprocess=pre, weights=identity, module=model,
+        patch_size=patch, queries=queries,
+    )
+
+
+@register("dinov2_q")
+def dinov2_q(layer: int = -1, weights: str = "pretrained", arch: str | None = None, seed: int = 0,
+             image_size: int | None = None) -> DinoV2:
+    """Queries of block `layer` (qkv[:, :, :C], heads concatenated), all tokens, CLS first."""
+    return build_dinov2("dinov2_q", queries=True, layer=layer, weights=weights, arch=arch, seed=seed,
+                        image_size=image_size)
+
+
+@register("dinov2")
+def dinov2(layer: int = -1, weights: str = "pretrained", arch: str | None = None, seed: int = 0,
+           image_size: int | None = None) -> DinoV2:
+    """Output tokens of block `layer` through the final LayerNorm, CLS first."""
+    return build_dinov2("dinov2", queries=False, layer=layer, weights=weights, arch=arch, seed=seed,
+                        image_size=image_size)

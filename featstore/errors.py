@@ -1,0 +1,80 @@
+"""Exceptions for user-facing mistakes.
+
+Every class subclasses both ``FeatstoreError`` and the matching builtin, so callers can catch either.
+The CLI prints ``str(error)`` on one line and exits with ``exit_code``.
+"""
+from __future__ import annotations
+
+
+class FeatstoreError(Exception):
+    """Base of all featstore errors; the message is one line meant for a user."""
+
+    exit_code = 2
+
+
+class LayoutError(FeatstoreError, FileNotFoundError):
+    """The subject folder is missing or does not look like an Algonauts subject."""
+
+
+class UnknownBackboneError(FeatstoreError, KeyError):
+    """A backbone name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsError(FeatstoreError, RuntimeError):
+    """Weights could not be found, fetched or loaded."""
+
+
+class BadArgumentError(FeatstoreError, ValueError):
+    """A flag or argument value is invalid."""
+
+
+class StoreError(FeatstoreError, OSError):
+    """The output store cannot be opened, created or written."""
+
+
+class StoreWriteError(StoreError):
+    """Writing a chunk failed (disk full, I/O error); everything written before stays valid."""
+
+    exit_code = 1
+
+
+class NotFoundInStoreError(FeatstoreError, KeyError):
+    """A feature/subject/split that the store does not contain."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class FingerprintMismatchError(FeatstoreError, ValueError):
+    """An existing array was produced by a different configuration."""
+
+
+class IncompleteArrayError(FeatstoreError, RuntimeError):
+    """A read of samples (or statistics) over chunks that are not marked done."""
+
+
+class CorruptImageError(FeatstoreError, OSError):
+    """A stimulus image could not be decoded."""
+
+    exit_code = 1
+
+
+class Float16OverflowError(FeatstoreError, OverflowError):
+    """A feature value does not fit float16; use --dtype float32."""
+
+    exit_code = 1
+
+
+class Interrupted(FeatstoreError):
+    """SIGINT/SIGTERM stopped an extraction after its in-flight writes were settled."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the CLI's SIGTERM handler so extraction stops the same way as on Ctrl-C (exit 143)."""

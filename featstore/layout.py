@@ -1,0 +1,59 @@
+"""The Algonauts 2023 subject folder: which images form which split, and where the fMRI lives.
+
+Split names follow the legacy export: `train` = training_split/training_images, `synt` = test_split/test_images.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LayoutError
+
+log = logging.getLogger(__name__)
+
+SPLIT_DIRS = {"train": Path("training_split/training_images"), "synt": Path("test_split/test_images")}
+FMRI_DIR = Path("training_split/training_fmri")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class Subject:
+    root: Path
+    images: dict[str, list[Path]] = field(default_factory=dict)  # split -> images sorted by file name
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.images)
+
+    def fmri(self, hemi: str) -> Path:
+        """Path of `{lh,rh}_training_fmri.npy` (rows follow the sorted training images)."""
+        return self.root / FMRI_DIR / f"{hemi}_training_fmri.npy"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
+
+
+def read_subject(data_dir: str | Path, splits: list[str] | None = None) -> Subject:
+    """List the subject's images per split. A missing train folder is an error; a missing test folder a warning."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise LayoutError(f"--data_dir {root}: no such folder (expected an Algonauts subject folder like .../subj01)")
+    wanted = splits or list(SPLIT_DIRS)
+    for s in wanted:
+        if s not in SPLIT_DIRS:
+            raise LayoutError(f"unknown split {s!r}; splits are: {', '.join(SPLIT_DIRS)}")
+    images: dict[str, list[Path]] = {}
+    for split in wanted:
+        folder = root / SPLIT_DIRS[split]
+        if not folder.is_dir():
+            if split == "train":
+                raise LayoutError(f"--data_dir {root}: missing {SPLIT_DIRS[split]}/ (not an Algonauts subject folder?)")
+            log.warning("%s: no %s/ folder; split %r skipped", root, SPLIT_DIRS[split], split)
+            continue
+        files = _images_in(folder)
+        if not files:
+            raise LayoutError(f"{folder}: no .png images")
+        images[split] = files
+    return Subject(root=root, images=images)

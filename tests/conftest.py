@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny synthetic subjects and tiny-backbone stores, built in temporary folders."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from featstore.sample import make_sample_subject
+
+TINY = {"arch": "tiny", "weights": "random", "device": "cpu", "num_workers": 0, "progress": False}
+
+
+@pytest.fixture(scope="session")
+def subject(tmp_path_factory) -> Path:
+    """A read-only 6 train + 2 test image subject shared by tests that do not modify it."""
+    return make_sample_subject(tmp_path_factory.mktemp("data"), subj="01", n_train=6, n_test=2, seed=0)
+
+
+@pytest.fixture
+def fresh_subject(tmp_path) -> Path:
+    """A subject a test may modify."""
+    return make_sample_subject(tmp_path / "data", subj="01", n_train=6, n_test=2, seed=1)
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `featstore ...` in a real subprocess."""
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "featstore.cli", *args], check=False, capture_output=True, text=True, timeout=timeout, env=e
+    )

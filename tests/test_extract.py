@@ -1,0 +1,200 @@
+"""Extraction core: real tiny backbones, real Zarr stores on disk, real subprocesses for the CLI."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from featstore import export_npy, extract, get_backbone
+from featstore.store import FeatureStore
+from tests.conftest import TINY, run_cli
+
+
+def _direct(backbone: str, subject, split: str = "train", **kw) -> np.ndarray:
+    """Independent computation: preprocess each image and run the backbone, no pipeline involved."""
+    bb = get_backbone(backbone, arch="tiny", weights="random", seed=0, **kw)
+    folder = "training_split/training_images" if split == "train" else "test_split/test_images"
+    paths = sorted((subject / folder).glob("*.png"))
+    x = torch.stack([bb.preprocess(Image.open(p)) for p in paths])
+    with torch.inference_mode():
+        return bb(x).numpy()
+
+
+@pytest.mark.parametrize("backbone", ["dinov2_q", "dinov2", "clip"])
+def test_extract_matches_direct_forward(subject, tmp_path, backbone):
+    res = extract(subject, tmp_path / "s.zarr", backbone=backbone, batch_size=4, dtype="float32", **TINY)
+    ref = _direct(backbone, subject)
+    fa = FeatureStore(tmp_path / "s.zarr").get(res.feature, "01", "train")
+    np.testing.assert_array_equal(fa.read(0, fa.shape[0]), ref)
+    assert [s.path.split("/")[-1] for s in res.splits] == ["train", "synt"]
+    expected_T = 257 if backbone == "clip" else 962
+    assert fa.shape[1] == expected_T and fa.grid == ((16, 16) if backbone == "clip" else (31, 31))
+
+
+def test_float16_default_store_readable_by_plain_zarr(subject, tmp_path):
+    extract(subject, tmp_path / "s.zarr", backbone="dinov2_q", batch_size=4, **TINY)
+    a = zarr.open_array(tmp_path / "s.zarr", path="dinov2_q_last/01/train", mode="r")
+    assert a.dtype == np.float16 and a.shape[:2] == (6, 962) and a.chunks[0] == 1
+    assert a.metadata.dimension_names == ("image", "token", "channel")
+    names = [c.to_dict()["name"] for c in a.metadata.codecs]
+    assert names == ["bytes", "blosc", "crc32c"]
+    meta = a.attrs["featstore"]
+    assert meta["backbone"] == "dinov2_q" and meta["layer"] == meta["num_layers"] - 1
+    assert meta["weights"] == {"kind": "random", "seed": 0}
+    assert meta["token_layout"] == {"cls_index": 0, "grid": [31, 31], "n_tokens": 962}
+    assert meta["image_names"] == sorted(meta["image_names"]) and len(meta["image_names"]) == 6
+    assert meta["preprocess"]["pad_multiple"] == 14 and meta["input_size"] == [434, 434]
+    assert {"torch", "zarr", "numpy", "featstore"} <= set(meta["versions"])
+    ref = _direct("dinov2_q", subject)
+    np.testing.assert_array_equal(a[...], ref.astype(np.float16))
+    # the zarr.json is plain JSON any Zarr v3 reader understands
+    doc = json.loads((tmp_path / "s.zarr/dinov2_q_last/01/train/zarr.json").read_text())
+    assert doc["zarr_format"] == 3 and doc["node_type"] == "array"
+
+
+def test_chunks_of_several_samples_and_edge_chunk(subject, tmp_path):
+    extract(subject, tmp_path / "a.zarr", backbone="dinov2", batch_size=3, chunk=4, **TINY)
+    extract(subject, tmp_path / "b.zarr", backbone="dinov2", batch_size=5, chunk=1, **TINY)
+    a = FeatureStore(tmp_path / "a.zarr").get("dinov2_last", "01", "train")
+    b = FeatureStore(tmp_path / "b.zarr").get("dinov2_last", "01", "train")
+    assert a.zarr.chunks[0] == 4 and a.nchunks == 2 and a.is_complete()
+    np.testing.assert_array_equal(a.read(0, 6), b.read(0, 6))
+
+
+def test_layer_naming_and_values(subject, tmp_path):
+    res = extract(subject, tmp_path / "s.zarr", backbone="dinov2_q", enc_layer=0, dtype="float32", **TINY)
+    assert res.feature == "dinov2_q_layer0"
+    ref = _direct("dinov2_q", subject, layer=0)
+    np.testing.assert_array_equal(FeatureStore(tmp_path / "s.zarr").get("dinov2_q_layer0", "01", "train").read(0, 6), ref)
+
+
+def test_export_npy_equals_store_and_legacy_reshape(subject, tmp_path):
+    extract(subject, tmp_path / "s.zarr", backbone="dinov2_q", **TINY)
+    files = export_npy(tmp_path / "s.zarr", tmp_path / "npy", progress=False)
+    assert sorted(p.relative_to(tmp_path / "npy").as_posix() for p in files) == [
+        "dinov2_q_last/01/synt.npy", "dinov2_q_last/01/train.npy"]
+    x = np.load(tmp_path / "npy/dinov2_q_last/01/train.npy")
+    fa = FeatureStore(tmp_path / "s.zarr").get("dinov2_q_last", "01", "train")
+    assert x.dtype == np.float32 and x.shape == fa.shape
+    np.testing.assert_array_equal(x, fa.read(0, 6).astype(np.float32))
+    C = x.shape[-1]
+    legacy = torch.reshape(torch.tensor(x[2])[1:, :], (31, 31, C)).permute(2, 0, 1)
+    assert legacy.shape == (C, 31, 31)
+
+
+def test_float16_overflow_is_an_error_not_inf(subject, tmp_path):
+    bb = get_backbone("dinov2", arch="tiny", weights="random")
+    with torch.no_grad():
+        bb.module.norm.bias.fill_(1e6)  # a backbone whose outputs do not fit float16
+    from featstore.errors import Float16OverflowError
+
+    with pytest.raises(Float16OverflowError, match="float32"):
+        extract(subject, tmp_path / "s.zarr", backbone=bb, **{k: v for k, v in TINY.items() if k not in ("arch", "weights")})
+    fa = FeatureStore(tmp_path / "s.zarr").get("dinov2_last", "01", "train")
+    assert not fa.done_mask().any()
+
+
+def test_missing_test_split_is_skipped_with_warning(tmp_path, caplog):
+    from featstore.sample import make_sample_subject
+
+    subj = make_sample_subject(tmp_path / "d", n_train=2, n_test=0)
+    res = extract(subj, tmp_path / "s.zarr", backbone="dinov2_q", **TINY)
+    assert [s.path for s in res.splits] == ["dinov2_q_last/01/train"]
+    assert any("skipped" in r.message for r in caplog.records)
+
+
+def test_bounded_memory(tmp_path):
+    """Peak RSS must not grow with N: 16 vs 160 images of a tiny model (would be +170 MB if features were kept)."""
+    from featstore.sample import make_sample_subject
+
+    code = (
+        "import resource,sys; from featstore import extract;"
+        "extract(sys.argv[1], sys.argv[2], backbone='dinov2_q', arch='tiny', weights='random', device='cpu',"
+        " num_workers=0, progress=False, dtype='float32', batch_size=8);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    import subprocess
+
+    peaks = []
+    for n in (16, 160):
+        subj = make_sample_subject(tmp_path / f"d{n}", n_train=n, n_test=0)
+        out = subprocess.run([sys.executable, "-c", code, str(subj), str(tmp_path / f"s{n}.zarr")],
+                             capture_output=True, text=True, check=True)
+        peaks.append(int(out.stdout.split()[-1]) / 1024)
+    assert peaks[1] - peaks[0] < 40, peaks
+
+
+# ---- the command line: one-line errors, exit 2, nothing written -------------------------------------------------
+def _assert_one_line_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("featstore: error:")]
+    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in err[0], err[0]
+
+
+def _extract_args(subject, out, *extra):
+    return ["extract", "--data_dir", str(subject), "--output_dir", str(out), "--weights", "random",
+            "--arch", "tiny", "--device", "cpu", "--num_workers", "0", *extra]
+
+
+def test_cli_bad_data_dir(tmp_path):
+    r = run_cli(*_extract_args(tmp_path / "nope", tmp_path / "s.zarr"))
+    _assert_one_line_error(r, "--data_dir")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_cli_data_dir_without_train_folder(tmp_path):
+    (tmp_path / "subj01").mkdir()
+    r = run_cli(*_extract_args(tmp_path / "subj01", tmp_path / "s.zarr"))
+    _assert_one_line_error(r, "training_split/training_images")
+
+
+def test_cli_bad_backbone(subject, tmp_path):
+    r = run_cli(*_extract_args(subject, tmp_path / "s.zarr", "--backbone", "resnet"))
+    _assert_one_line_error(r, "--backbone", "dinov2_q")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("subj", ["1", "abc", "02"])
+def test_cli_bad_subj(subject, tmp_path, subj):
+    r = run_cli(*_extract_args(subject, tmp_path / "s.zarr", "--subj", subj))
+    _assert_one_line_error(r, "--subj")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_cli_output_dir_unusable(subject, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = run_cli(*_extract_args(subject, f / "s.zarr"))
+    _assert_one_line_error(r, "--output_dir")
+    other = tmp_path / "notastore"
+    other.mkdir()
+    (other / "keep.txt").write_text("data")
+    r = run_cli(*_extract_args(subject, other))
+    _assert_one_line_error(r, "--output_dir", "not a featstore store")
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
+
+
+def test_cli_pretrained_unavailable_offline(subject, tmp_path):
+    r = run_cli("extract", "--data_dir", str(subject), "--output_dir", str(tmp_path / "s.zarr"),
+                "--device", "cpu", "--backbone", "dinov2_q", "--weights", str(tmp_path / "missing.pth"))
+    _assert_one_line_error(r, "missing.pth")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_cli_extract_cuda_falls_back_and_prints_summary(subject, tmp_path):
+    r = run_cli(*_extract_args(subject, tmp_path / "s.zarr")[:-4], "--num_workers", "1", "--batch_size", "4",
+                "--device", "cuda")
+    assert r.returncode == 0, r.stderr
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in r.stderr
+    assert "RANDOM weights" in r.stderr
+    assert "dinov2_q_last/01/train: N=6" in r.stdout and "computed 6" in r.stdout
+    info = run_cli("info", str(tmp_path / "s.zarr"))
+    assert info.returncode == 0 and "dinov2_q_last/01/train" in info.stdout and "6/6" in info.stdout
