@@ -56,7 +56,8 @@ def image_descriptors(images: np.ndarray) -> np.ndarray:
     images: uint8 RGB, (H, W, 3) or (n, H, W, 3). With x = images / 255 and L = x @ [0.299, 0.587, 0.114]:
     columns 0-2 are the mean of R, G, B; columns 3-18 are the mean of L over a 4x4 grid of blocks (rows, then
     columns; block edges as ``np.array_split`` cuts them); column 19 is the edge energy
-    mean|dL/dx| + mean|dL/dy| (first differences). Returns float64 (n, 20).
+    mean|dL/dx| + mean|dL/dy| (first differences). L is computed in float32, sums in float64.
+    Returns float64 (n, 20).
     """
     arr = np.asarray(images)
     if arr.ndim == 3:
@@ -82,15 +83,23 @@ def image_descriptors(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def planted_fmri(descriptors: np.ndarray, n_vertices: int, seed: int, subj: str, hemi: str) -> tuple[np.ndarray, np.ndarray]:
+def planted_fmri(
+    descriptors: np.ndarray, n_vertices: int, seed: int, subj: str, hemi: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply the generative rule to descriptors; returns (fmri float32 (n, n_vertices), noiseless signal float64).
 
     Z = descriptors z-scored per column over the given images (population std; a constant column becomes 0);
     W ~ N(0, 1) of shape (20, n_vertices) from ``np.random.default_rng([seed, int(subj), hemi_id, 0])``
     (hemi_id 0 = lh, 1 = rh); S = Z @ W with each column scaled to unit std (a zero column stays 0);
     fmri = S + E, E ~ N(0, 1 / SNR) from ``np.random.default_rng([seed, int(subj), hemi_id, 1])``.
+    Given the descriptors of all training images of a subject, in index order, this reproduces its
+    ``{hemi}_training_fmri.npy`` exactly.
     """
+    if hemi not in _HEMIS:
+        raise BadArgumentError(f"hemi must be 'lh' or 'rh', got {hemi!r}")
     d = np.asarray(descriptors, dtype=np.float64)
+    if d.ndim != 2 or d.shape[0] < 1:
+        raise BadArgumentError(f"descriptors must be a 2-D (n_images, n_descriptors) array, got shape {d.shape}")
     std = d.std(axis=0)
     z = np.where(std > 1e-12, (d - d.mean(axis=0)) / np.where(std > 1e-12, std, 1.0), 0.0)
     hemi_id = _HEMIS.index(hemi)

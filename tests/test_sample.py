@@ -133,22 +133,21 @@ def test_no_test_split_when_n_test_is_zero(big):
 
 
 def test_images_differ_and_are_structured(big):
-    pixels = _pixels(big / "training_split" / "training_images").astype(np.float64)
+    pixels = _pixels(big / "training_split" / "training_images")
+    coarse = pixels[:, ::5, ::5].astype(np.float64)  # 85x85 grid is plenty for these statistics
     # across images: each pixel varies a lot from image to image
-    assert pixels.std(axis=0).mean() > 40
-    # no two images are near copies
-    flat = pixels.reshape(len(pixels), -1)
+    assert coarse.std(axis=0).mean() > 40
+    # no two images are near copies (RMS difference in grey levels)
+    flat = coarse.reshape(len(coarse), -1)
     sq = (flat**2).sum(1)
     dist = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * flat @ flat.T, 0) / flat.shape[1])
     assert dist[~np.eye(len(flat), dtype=bool)].min() > 10
     # within an image: structure, not noise (neighbouring pixels strongly correlated)
-    grey = pixels.mean(axis=-1)
-    for img in grey[:8]:
+    for img in pixels[:8].astype(np.float64).mean(axis=-1):
         r = np.corrcoef(img[:, :-1].ravel(), img[:, 1:].ravel())[0, 1]
         assert r > 0.8
     # the descriptors behind the planted signal vary between images
-    desc = image_descriptors(pixels.astype(np.uint8))
-    assert (desc.std(axis=0) > 1e-3).all()
+    assert (image_descriptors(pixels).std(axis=0) > 1e-3).all()
 
 
 def test_generative_rule_reproduces_fmri_from_pngs(big):
@@ -178,10 +177,13 @@ def test_planted_signal_is_recoverable(big):
     for hemi in ("lh", "rh"):
         y = np.load(big / "training_split" / "training_fmri" / f"{hemi}_training_fmri.npy").astype(np.float64)
         r = _ridge_heldout_r(desc[:48], y[:48], desc[48:], y[48:])
-        shuffled = _ridge_heldout_r(desc[:48], y[rng.permutation(48)], desc[48:], y[48:])
-        # ceiling 1/sqrt(2) ~ 0.71; chance ~0 (+-0.25 per vertex with 16 held-out images)
+        shuffled = np.mean(
+            [_ridge_heldout_r(desc[:48], y[rng.permutation(48)], desc[48:], y[48:]).mean() for _ in range(5)]
+        )
+        # ceiling 1/sqrt(2) ~ 0.71 (SNR 1); chance ~0, give or take ~0.1 for a mean over vertices that share
+        # the same 20 predictors and 16 held-out images
         assert r.mean() > 0.4, r.mean()
-        assert abs(shuffled.mean()) < 0.15, shuffled.mean()
+        assert abs(shuffled) < 0.2, shuffled
         assert (r > 0).mean() > 0.9
 
 
@@ -260,3 +262,13 @@ def test_image_descriptors_match_definition():
     assert image_descriptors(np.stack([img, img])).shape == (2, 20)
     with pytest.raises(BadArgumentError):
         image_descriptors(img.astype(np.float32))
+
+
+def test_planted_fmri_arguments():
+    desc = np.random.default_rng(0).normal(size=(6, 20))
+    fmri, signal = planted_fmri(desc, 7, seed=0, subj="01", hemi="rh")
+    assert fmri.shape == signal.shape == (6, 7) and fmri.dtype == np.float32
+    with pytest.raises(BadArgumentError):
+        planted_fmri(desc, 7, seed=0, subj="01", hemi="left")
+    with pytest.raises(BadArgumentError):
+        planted_fmri(desc[0], 7, seed=0, subj="01", hemi="lh")

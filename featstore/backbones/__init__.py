@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import import_module
 
 from ..errors import UnknownBackboneError
 from .base import Backbone, Preprocess, feature_name, resolve_layer
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}
+# name -> module of its family; imported on first use so that commands that build no model never import timm/open_clip
+_FAMILIES = {"dinov2_q": "dinov2", "dinov2": "dinov2", "clip": "clip"}
 
 
 def register(name: str):
@@ -18,7 +21,7 @@ def register(name: str):
 
 
 def list_backbones() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_FAMILIES) | set(_REGISTRY))
 
 
 def get_backbone(
@@ -34,6 +37,8 @@ def get_backbone(
     weights: "pretrained" (official weights; an error if they cannot be fetched), "random" (explicit, seeded),
     or a path to a local checkpoint. arch: another timm/open_clip architecture, or "tiny" for tests.
     """
+    if name in _FAMILIES and name not in _REGISTRY:
+        import_module(f".{_FAMILIES[name]}", __name__)
     if name not in _REGISTRY:
         raise UnknownBackboneError(f"unknown --backbone {name!r}; choose one of: {', '.join(list_backbones())}")
     return _REGISTRY[name](layer=layer, weights=weights, arch=arch, seed=seed, image_size=image_size)

@@ -1,0 +1,218 @@
+"""Crash safety and resume (issue 3): real subprocesses killed with real signals, real stores on disk."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from zarr.storage import LocalStore, WrapperStore
+
+from featstore import extract
+from featstore.errors import CorruptImageError, StoreWriteError
+from featstore.sample import make_sample_subject
+from featstore.store import FeatureStore
+from tests.conftest import TINY, run_cli
+
+N = 10
+CRASHRUN = Path(__file__).with_name("crashrun.py")
+ARR = ("dinov2_q_last", "01", "train")
+
+
+@pytest.fixture(scope="module")
+def subj(tmp_path_factory) -> Path:
+    return make_sample_subject(tmp_path_factory.mktemp("rs"), subj="01", n_train=N, n_test=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(subj, tmp_path_factory) -> dict[str, np.ndarray]:
+    """An uninterrupted run: what every interrupted-then-resumed run must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    extract(subj, out, backbone="dinov2_q", batch_size=4, **TINY)
+    fs = FeatureStore(out)
+    arrays = {s: fs.get("dinov2_q_last", "01", s) for s in ("train", "synt")}
+    return {s: fa.read(0, fa.shape[0]) for s, fa in arrays.items()}
+
+
+def _assert_equal_to_reference(store: Path, reference) -> None:
+    fs = FeatureStore(store)
+    for split, ref in reference.items():
+        fa = fs.get("dinov2_q_last", "01", split)
+        assert fa.is_complete()
+        np.testing.assert_array_equal(fa.read(0, fa.shape[0]), ref)
+        assert fa.verify().ok
+    assert not list(Path(store).rglob("*.partial"))
+
+
+def _done(store: Path, split: str = "train") -> int:
+    return int(FeatureStore(store).get("dinov2_q_last", "01", split).done_mask().sum())
+
+
+# point, K, chunk, expected done chunks of `train` at the kill (None: depends on the writer thread's lag)
+CRASHES = [
+    ("forward", 2, 1, None),
+    ("before_write", 2, 1, 4),  # one run of 4 chunks (batch 4) written before
+    ("mid_write", 6, 1, 4),  # first run done; killed writing the 2nd chunk of the 2nd run
+    ("after_write", 2, 1, 4),  # 2nd run's data written but not fsync'ed/marked: must not count
+    ("before_mark", 2, 1, 4),
+    ("mid_mark", 6, 1, 6),  # 6 markers written: the 2nd run is half marked
+    ("mid_write", 2, 3, 1),  # chunks of 3 samples (staged across batches): the 2nd chunk is torn
+]
+
+
+@pytest.mark.parametrize("point,k,chunk,expected_done", CRASHES, ids=[f"{c[0]}-{c[1]}-chunk{c[2]}" for c in CRASHES])
+def test_sigkill_then_resume_is_bit_identical(subj, reference, tmp_path, point, k, chunk, expected_done):
+    store = tmp_path / "s.zarr"
+    r = subprocess.run([sys.executable, str(CRASHRUN), str(subj), str(store), point, str(k), str(chunk), "4"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stdout, r.stderr)
+    done = _done(store)
+    if expected_done is not None:
+        assert done == expected_done
+    if point == "mid_write":
+        assert list(store.rglob("*.partial")), "the kill should leave a torn temporary chunk file"
+    res = extract(subj, store, backbone="dinov2_q", batch_size=4, chunk=chunk, **TINY)
+    train = res.splits[0]
+    chunk_rows = min(chunk, N)
+    assert train.computed == N - done * chunk_rows  # nothing already marked done is computed again
+    assert train.skipped == done * chunk_rows
+    _assert_equal_to_reference(store, reference)
+
+
+def test_resume_of_finished_store_computes_nothing(subj, reference, tmp_path):
+    store = tmp_path / "s.zarr"
+    extract(subj, store, backbone="dinov2_q", batch_size=4, **TINY)
+    before = sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file())
+    res = extract(subj, store, backbone="dinov2_q", batch_size=4, **TINY)
+    assert [s.computed for s in res.splits] == [0, 0] and [s.skipped for s in res.splits] == [N, 2]
+    assert sorted((p, p.stat().st_mtime_ns) for p in store.rglob("*") if p.is_file()) == before
+
+
+def _cli_args(subj, store, *extra):
+    return [sys.executable, "-m", "featstore.cli", "extract", "--data_dir", str(subj), "--output_dir", str(store),
+            "--arch", "tiny", "--weights", "random", "--device", "cpu", "--num_workers", "0", *extra]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_gives_exit_code_and_resumable_store(tmp_path, sig, code):
+    subj = make_sample_subject(tmp_path / "d", n_train=48, n_test=0, seed=5)
+    store = tmp_path / "s.zarr"
+    p = subprocess.Popen(_cli_args(subj, store, "--batch_size", "2"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done_dir = list(store.glob("dinov2_q_last/01/train/done-*"))
+        if done_dir and len(os.listdir(done_dir[0])) >= 4:
+            break
+        time.sleep(0.02)
+    p.send_signal(sig)
+    _out, err = p.communicate(timeout=120)
+    assert p.returncode == code, (p.returncode, err)
+    assert "rerun the same command to resume" in err
+    done = _done(store)
+    assert 4 <= done < 48
+    r = subprocess.run(_cli_args(subj, store, "--batch_size", "2"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"computed {48 - done}, skipped {done}" in r.stdout
+    ref = tmp_path / "ref.zarr"
+    extract(subj, ref, backbone="dinov2_q", batch_size=8, **TINY)
+    a, b = (FeatureStore(x).get(*ARR) for x in (store, ref))
+    np.testing.assert_array_equal(a.read(0, 48), b.read(0, 48))
+
+
+class DiskFullAfter(WrapperStore):
+    """A zarr store that raises ENOSPC once `limit` chunk files have been written."""
+
+    def __init__(self, store, limit: int):
+        super().__init__(store)
+        self.limit, self.writes = limit, 0
+
+    async def set(self, key, value):
+        if "/c/" in key:
+            self.writes += 1
+            if self.writes > self.limit:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+        return await self._store.set(key, value)
+
+
+def test_disk_full_then_resume(subj, reference, tmp_path):
+    store = tmp_path / "s.zarr"
+    faulty = FeatureStore(DiskFullAfter(LocalStore(store), limit=6), mode="a")
+    with pytest.raises(StoreWriteError, match="No space left on device"):
+        extract(subj, store, backbone="dinov2_q", batch_size=4, store=faulty, **TINY)
+    assert _done(store) == 4  # the first run of 4 chunks; the failing run is not marked
+    res = extract(subj, store, backbone="dinov2_q", batch_size=4, **TINY)
+    assert res.splits[0].computed == N - 4
+    _assert_equal_to_reference(store, reference)
+
+
+def test_two_concurrent_shards_equal_one_process(subj, reference, tmp_path):
+    store = tmp_path / "s.zarr"
+    procs = [subprocess.Popen(_cli_args(subj, store, "--shard", f"{k}/2", "--batch_size", "3"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "computed 5, skipped 5" in outs[0][0] and "computed 5, skipped 5" in outs[1][0]
+    _assert_equal_to_reference(store, reference)
+    info = run_cli("info", str(store))
+    assert "10/10" in info.stdout and "2/2" in info.stdout
+
+
+def _snapshot(store: Path):
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in store.rglob("*"))
+
+
+def test_changed_configuration_is_refused_and_changes_nothing(tmp_path):
+    subj = make_sample_subject(tmp_path / "d", n_train=4, n_test=0, seed=2)
+    store = tmp_path / "s.zarr"
+    assert subprocess.run(_cli_args(subj, store), capture_output=True, timeout=300).returncode == 0
+    before = _snapshot(store)
+    r = subprocess.run(_cli_args(subj, store, "--seed", "1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "different configuration" in r.stderr and "weights" in r.stderr, r.stderr
+    assert "--overwrite" in r.stderr
+    shutil.copy(next((subj / "training_split/training_images").glob("*.png")),
+                subj / "training_split/training_images/zz-extra.png")
+    r = subprocess.run(_cli_args(subj, store), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "image list: stored 4 images vs now 5" in r.stderr, r.stderr
+    assert _snapshot(store) == before
+    r = subprocess.run(_cli_args(subj, store, "--overwrite"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "computed 5" in r.stdout, r.stderr
+    assert FeatureStore(store).get(*ARR).shape[0] == 5
+
+
+def test_verify_detects_flipped_byte_and_repair_recomputes(subj, reference, tmp_path):
+    store = tmp_path / "s.zarr"
+    extract(subj, store, backbone="dinov2_q", batch_size=4, **TINY)
+    assert run_cli("verify", str(store)).returncode == 0
+    chunk = store / "dinov2_q_last/01/train/c/7/0/0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    r = run_cli("verify", str(store))
+    assert r.returncode == 1 and "dinov2_q_last/01/train: FAILED" in r.stdout and "corrupt chunks: 7" in r.stdout
+    r = run_cli("verify", "--repair", str(store))
+    assert r.returncode == 1 and "marked not done" in r.stdout
+    res = extract(subj, store, backbone="dinov2_q", batch_size=4, **TINY)
+    assert res.splits[0].computed == 1
+    assert run_cli("verify", str(store)).returncode == 0
+    _assert_equal_to_reference(store, reference)
+
+
+def test_corrupt_image_names_file_and_keeps_finished_chunks(tmp_path):
+    subj = make_sample_subject(tmp_path / "d", n_train=12, n_test=0, seed=4)
+    bad = sorted((subj / "training_split/training_images").glob("*.png"))[9]
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated PNG
+    store = tmp_path / "s.zarr"
+    r = subprocess.run(_cli_args(subj, store, "--batch_size", "4"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    errs = [ln for ln in r.stderr.splitlines() if ln.startswith("featstore: error:")]
+    assert len(errs) == 1 and bad.name in errs[0] and "Traceback" not in r.stderr
+    assert _done(store) == 8  # the two batches before the broken one are kept
+    with pytest.raises(CorruptImageError):
+        extract(subj, store, backbone="dinov2_q", batch_size=4, **TINY)
