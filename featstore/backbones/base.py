@@ -201,8 +201,9 @@ def url_reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def hf_hub_file(repo_id: str, filenames: list[str]) -> str:
-    """Local path of the first of `filenames` in a Hugging Face hub repo: the cache first, then a download.
+def hf_hub_file(repo_id: str, filenames: list[str], download: Any = None) -> str:
+    """Local path of the first of `filenames` in a Hugging Face hub repo: the cache first, then a download
+    (`download()` if given, e.g. the model library's own downloader, else hf_hub_download of each file name).
 
     Raises OSError with a short reason when none can be had (offline, missing repo/file).
     """
@@ -214,6 +215,11 @@ def hf_hub_file(repo_id: str, filenames: list[str]) -> str:
             return cached
     if not url_reachable(constants.ENDPOINT):
         raise OSError(f"{constants.ENDPOINT} is unreachable")
+    if download is not None:
+        try:
+            return str(download())
+        except Exception as e:  # the library's message, as one line
+            raise OSError(one_line(e)) from e
     last: Exception | None = None
     for fn in filenames:
         try:

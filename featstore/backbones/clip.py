@@ -124,7 +124,8 @@ def _pretrained(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
         safe = "open_clip_model.safetensors" if fn == "open_clip_pytorch_model.bin" else stem + ".safetensors"
         files = [safe, fn] if ext in (".bin", ".pth") else [fn]  # safetensors first, as open_clip does
         try:
-            return hf_hub_file(repo, files), {"kind": "pretrained", "name": f"{arch}/{tag}"}
+            path = hf_hub_file(repo, files, download=lambda: open_clip.download_pretrained(cfg, prefer_hf_hub=True))
+            return path, {"kind": "pretrained", "name": f"{arch}/{tag}"}
         except OSError as e:
             tried.append(f"hf-hub {repo}: {one_line(e)}")
     if url:

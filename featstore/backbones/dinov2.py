@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,11 @@ class DinoV2(Backbone):
             return m.norm(blk(x)).float()
         dim = x.shape[-1]
         taken: dict[str, torch.Tensor] = {}
+        me = threading.get_ident()
 
         def hook(_mod: torch.nn.Module, _inp: Any, out: torch.Tensor) -> None:
+            if threading.get_ident() != me:  # another thread's forward through the same module
+                return
             taken["q"] = out[..., :dim]  # qkv channels are [q | k | v], each heads concatenated
             raise _StopForward
 
