@@ -198,3 +198,18 @@ def test_cli_extract_cuda_falls_back_and_prints_summary(subject, tmp_path):
     assert "dinov2_q_last/01/train: N=6" in r.stdout and "computed 6" in r.stdout
     info = run_cli("info", str(tmp_path / "s.zarr"))
     assert info.returncode == 0 and "dinov2_q_last/01/train" in info.stdout and "6/6" in info.stdout
+
+
+@pytest.mark.parametrize("backbone", ["dinov2", "clip"])
+def test_preprocessing_rebuilt_from_attributes_alone(subject, tmp_path, backbone):
+    from featstore.backbones import Preprocess
+
+    res = extract(subject, tmp_path / "s.zarr", backbone=backbone, dtype="float32", **TINY)
+    fa = FeatureStore(tmp_path / "s.zarr").get(res.feature, "01", "train")
+    pre = Preprocess.from_dict(fa.meta["preprocess"])
+    img = Image.open(subject / "training_split/training_images" / fa.image_names[3])
+    bb = get_backbone(backbone, arch="tiny", weights="random", seed=fa.meta["weights"]["seed"])
+    with torch.inference_mode():
+        row = bb(pre(img)[None]).numpy()[0]
+    assert list(pre(img).shape[-2:]) == fa.meta["input_size"]
+    np.testing.assert_array_equal(fa.read(3)[0], row)
