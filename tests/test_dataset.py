@@ -1,0 +1,391 @@
+"""FeatureDataset and train_val_split on real Zarr stores on disk, read through a real torch DataLoader."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from featstore import FeatureDataset, FeatureStore, export_npy, train_val_split
+from featstore.errors import BadArgumentError, IncompleteArrayError, LayoutError, NotFoundInStoreError, StoreError
+
+DINO = ("dinov2_q_last", (31, 31), 8)  # feature, real grid, small C
+CLIP = ("clip_vit_512", (16, 16), 12)
+
+
+def names(n: int, tag: str = "") -> list[str]:
+    return [f"{tag}img{i:05d}.png" for i in range(n)]
+
+
+def make_array(
+    root: Path | FeatureStore,
+    feature: str,
+    n: int,
+    grid: tuple[int, int],
+    c: int,
+    *,
+    split: str = "train",
+    chunk: int = 3,
+    dtype: str = "float16",
+    seed: int = 0,
+    image_names: list[str] | None = None,
+    write: bool = True,
+) -> np.ndarray:
+    """Create {feature}/01/{split} (N, 1+H*W, C) with random values; returns the values as stored."""
+    fs = root if isinstance(root, FeatureStore) else FeatureStore(root, "a")
+    t = 1 + grid[0] * grid[1]
+    meta = {
+        "token_layout": {"cls_index": 0, "grid": list(grid), "n_tokens": t},
+        "image_names": image_names if image_names is not None else names(n),
+    }
+    fa, _ = fs.prepare(feature, "01", split, shape=(n, t, c), chunk=chunk, dtype=dtype, meta=meta,
+                       fingerprint={"test": feature})
+    data = (np.random.default_rng(seed).standard_normal((n, t, c)) * 3).astype(dtype)
+    if write:
+        fa.write_chunks(0, data, durable=False)
+    return data
+
+
+def legacy_item(x: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """The legacy dataset's `torch.reshape(img[1:, :], (31, 31, 768)).permute(2, 0, 1)`."""
+    img = torch.tensor(x)
+    return torch.reshape(img[1:, :], (*grid, img.shape[1])).permute(2, 0, 1)
+
+
+def write_fmri(subject: Path, n: int, vertices=(7, 5), rows: int | None = None) -> dict[str, np.ndarray]:
+    d = subject / "training_split" / "training_fmri"
+    d.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for hemi, v in zip(("lh", "rh"), vertices):
+        out[hemi] = np.random.default_rng(len(hemi) + v).standard_normal((rows or n, v)).astype(np.float32)
+        np.save(d / f"{hemi}_training_fmri.npy", out[hemi])
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """dinov2_q_last (f16, chunk 3, N=7: last chunk partial) and clip_vit_512 (f32, chunk 1) for train and synt."""
+    root = tmp_path_factory.mktemp("st") / "st"
+    fs = FeatureStore(root, "a")
+    n, n_synt = 7, 4
+    out = {"root": root, "n": n}
+    out["dino"] = make_array(fs, DINO[0], n, DINO[1], DINO[2], chunk=3, seed=1)
+    out["clip"] = make_array(fs, CLIP[0], n, CLIP[1], CLIP[2], chunk=1, dtype="float32", seed=2)
+    synt = {"split": "synt", "image_names": names(n_synt, "t")}
+    out["dino_synt"] = make_array(fs, DINO[0], n_synt, DINO[1], DINO[2], seed=3, **synt)
+    out["clip_synt"] = make_array(fs, CLIP[0], n_synt, CLIP[1], CLIP[2], seed=4, **synt)
+    out["npy"] = tmp_path_factory.mktemp("npy")
+    export_npy(root, out["npy"], progress=False)
+    return out
+
+
+# ---- contents -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("feature, grid, c", [DINO, CLIP])
+@pytest.mark.parametrize("split", ["train", "synt"])
+def test_items_equal_legacy_reshape_of_npy_export(store, feature, grid, c, split):
+    legacy = np.load(store["npy"] / feature / "01" / f"{split}.npy", mmap_mode="r")
+    ds = FeatureDataset(store["root"], feature=feature, subj="01", split=split)
+    assert len(ds) == legacy.shape[0] and ds.grid == grid and ds.channels == c
+    for i in range(len(ds)):
+        img = ds[i]
+        assert img.dtype == torch.float32 and img.shape == (c, *grid)
+        assert torch.equal(img, legacy_item(legacy[i], grid))
+    assert torch.equal(ds[-1], ds[len(ds) - 1])
+
+
+def test_grid_comes_from_the_array_attributes(tmp_path):
+    data = make_array(tmp_path / "st", "dinov2_layer3", 4, (3, 5), 6, chunk=2, dtype="float32")
+    ds = FeatureDataset(tmp_path / "st", feature="dinov2_layer3")
+    assert ds[2].shape == (6, 3, 5)
+    assert torch.equal(ds[2], legacy_item(data[2], (3, 5)))
+
+
+def test_indices_select_and_order_samples(store):
+    ds = FeatureDataset(store["root"], indices=[5, 0, 6])
+    full = FeatureDataset(store["root"])
+    assert len(ds) == 3
+    for i, j in enumerate([5, 0, 6]):
+        assert torch.equal(ds[i], full[j])
+
+
+def test_fast_local_read_equals_zarr_read_and_checks_the_checksum(store, tmp_path):
+    """FeatureArray.read_sample decodes the chunk file itself; it must equal zarr's own read, partial chunk too."""
+    fa = FeatureStore(store["root"]).get(DINO[0], "01", "train")
+    assert fa._sync_decoder is not None
+    for j in range(store["n"]):
+        np.testing.assert_array_equal(fa.read_sample(j), fa.zarr[j])
+    # a flipped byte in a chunk file is caught by the crc32c codec, as zarr's path would
+    fs = FeatureStore(tmp_path / "st", "a")
+    make_array(fs, DINO[0], 2, DINO[1], DINO[2], chunk=1)
+    chunk_file = tmp_path / "st" / DINO[0] / "01" / "train" / "c" / "1" / "0" / "0"
+    raw = bytearray(chunk_file.read_bytes())
+    raw[100] ^= 0xFF
+    chunk_file.write_bytes(bytes(raw))
+    ds = FeatureDataset(tmp_path / "st")
+    ds[0]
+    with pytest.raises(ValueError, match="checksum"):
+        ds[1]
+
+
+# ---- fMRI targets -----------------------------------------------------------------------------------------------
+def test_fmri_targets_follow_the_sample_rows(store, tmp_path):
+    fmri = write_fmri(tmp_path / "subj01", store["n"])
+    ds = FeatureDataset(store["root"], data_dir=tmp_path / "subj01", indices=[4, 1])
+    img, y = ds[0]
+    assert set(y) == {"lh_f", "rh_f"}
+    assert torch.equal(img, FeatureDataset(store["root"])[4])
+    for hemi in ("lh", "rh"):
+        assert y[f"{hemi}_f"].dtype == torch.float32
+        assert torch.equal(y[f"{hemi}_f"], torch.from_numpy(fmri[hemi][4]))
+    assert torch.equal(ds[1][1]["rh_f"], torch.from_numpy(fmri["rh"][1]))
+
+
+def test_fmri_row_count_mismatch_is_a_clear_error(store, tmp_path):
+    write_fmri(tmp_path / "subj01", store["n"], rows=store["n"] + 1)
+    with pytest.raises(BadArgumentError, match=r"lh_training_fmri\.npy has shape \(8, 7\), expected \(7, "):
+        FeatureDataset(store["root"], data_dir=tmp_path / "subj01")
+
+
+def test_missing_fmri_file_names_the_file(store, tmp_path):
+    write_fmri(tmp_path / "subj01", store["n"])
+    (tmp_path / "subj01" / "training_split" / "training_fmri" / "rh_training_fmri.npy").unlink()
+    with pytest.raises(LayoutError, match="rh_training_fmri.npy"):
+        FeatureDataset(store["root"], data_dir=tmp_path / "subj01")
+    with pytest.raises(BadArgumentError, match="only for split 'train'"):
+        FeatureDataset(store["root"], split="synt", data_dir=tmp_path / "subj01")
+
+
+# ---- CLIP CLS channels --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", ["train", "synt"])
+def test_cat_clip_appends_the_clip_cls_over_the_grid(store, split):
+    dino = np.load(store["npy"] / DINO[0] / "01" / f"{split}.npy")
+    clip = np.load(store["npy"] / CLIP[0] / "01" / f"{split}.npy")
+    ds = FeatureDataset(store["root"], split=split, cat_clip=True)
+    h, w = DINO[1]
+    assert ds.channels == DINO[2] + CLIP[2]
+    for i in range(len(ds)):
+        img = legacy_item(dino[i], DINO[1])
+        cls = torch.tensor(clip[i, 0])
+        expected = torch.cat([img, cls[:, None, None].expand(-1, h, w)], 0)
+        assert torch.equal(ds[i], expected)
+
+
+def test_cat_clip_needs_a_matching_clip_array(tmp_path):
+    make_array(tmp_path / "a", DINO[0], 4, DINO[1], DINO[2])
+    with pytest.raises(NotFoundInStoreError, match="needs clip_vit_512/01/train.*contains: dinov2_q_last"):
+        FeatureDataset(tmp_path / "a", cat_clip=True)
+    make_array(tmp_path / "a", CLIP[0], 5, CLIP[1], CLIP[2])
+    with pytest.raises(BadArgumentError, match="has 5 images but dinov2_q_last/01/train has 4"):
+        FeatureDataset(tmp_path / "a", cat_clip=True)
+    make_array(tmp_path / "b", DINO[0], 4, DINO[1], DINO[2])
+    make_array(tmp_path / "b", CLIP[0], 4, CLIP[1], CLIP[2], image_names=names(4)[:3] + ["other.png"])
+    with pytest.raises(BadArgumentError, match="different images.*index 3"):
+        FeatureDataset(tmp_path / "b", cat_clip=True)
+
+
+# ---- normalisation ------------------------------------------------------------------------------------------------
+def _save_stats(fs: FeatureStore, feature: str, part: str, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mean, std = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+    std[0] = 0.0  # a dead channel: centred, not divided by zero
+    fs.save_stats(fs.get(feature, "01", "train"), {f"{part}_mean": mean, f"{part}_std": std}, {})
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def test_normalize_channel_uses_the_train_statistics(tmp_path):
+    fs = FeatureStore(tmp_path / "st", "a")
+    train = make_array(fs, DINO[0], 4, DINO[1], DINO[2])
+    synt = make_array(fs, DINO[0], 2, DINO[1], DINO[2], split="synt", seed=9, image_names=names(2, "t"))
+    hint = r"run `featstore stats \S+ --feature dinov2_q_last --subj 01 --split train` first"
+    with pytest.raises(NotFoundInStoreError, match=hint):
+        FeatureDataset(tmp_path / "st", normalize="channel")
+    with pytest.raises(BadArgumentError, match="normalize='zscore'"):
+        FeatureDataset(tmp_path / "st", normalize="zscore")
+    mean, std = _save_stats(fs, DINO[0], "patch", DINO[2], 0)
+    for split, data in (("train", train), ("synt", synt)):
+        ds = FeatureDataset(tmp_path / "st", split=split, normalize="channel")
+        for i in range(len(ds)):
+            raw = legacy_item(data[i], DINO[1]).double()
+            expected = (raw - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+            torch.testing.assert_close(ds[i], expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_with_cat_clip_scales_clip_channels_by_clip_cls_statistics(tmp_path):
+    fs = FeatureStore(tmp_path / "st", "a")
+    make_array(fs, DINO[0], 3, DINO[1], DINO[2])
+    clip = make_array(fs, CLIP[0], 3, CLIP[1], CLIP[2])
+    _save_stats(fs, DINO[0], "patch", DINO[2], 0)
+    with pytest.raises(NotFoundInStoreError, match="--feature clip_vit_512"):
+        FeatureDataset(tmp_path / "st", cat_clip=True, normalize="channel")
+    mean, std = _save_stats(fs, CLIP[0], "cls", CLIP[2], 1)
+    ds = FeatureDataset(tmp_path / "st", cat_clip=True, normalize="channel")
+    plain = FeatureDataset(tmp_path / "st", normalize="channel")
+    for i in range(3):
+        img = ds[i]
+        assert torch.equal(img[: DINO[2]], plain[i])
+        expected = (clip[i, 0].astype(np.float64) - mean) / std
+        torch.testing.assert_close(img[DINO[2] :, 4, 7], torch.tensor(expected, dtype=torch.float32))
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+def test_index_out_of_range_and_bad_indices(store):
+    ds = FeatureDataset(store["root"], indices=[1, 2])
+    with pytest.raises(IndexError):
+        ds[2]
+    with pytest.raises(IndexError):
+        ds[-3]
+    with pytest.raises(BadArgumentError, match="7 is out of range for dinov2_q_last/01/train with 7 samples"):
+        FeatureDataset(store["root"], indices=[0, 7])
+    with pytest.raises(BadArgumentError, match="integers"):
+        FeatureDataset(store["root"], indices=[0.5])
+
+
+def test_missing_array_names_what_the_store_contains(store):
+    with pytest.raises(NotFoundInStoreError, match="no array dinov2_q_last/02/train; it contains: clip_vit_512/01"):
+        FeatureDataset(store["root"], subj="02")
+
+
+def test_incomplete_array_serves_finished_chunks_and_refuses_the_rest(tmp_path):
+    fs = FeatureStore(tmp_path / "st", "a")
+    data = make_array(fs, DINO[0], 6, DINO[1], DINO[2], chunk=2, write=False)
+    fa = fs.get(DINO[0], "01", "train")
+    fa.write_chunks(0, data[:2], durable=False)
+    fa.write_chunks(2, data[4:], durable=False)  # chunk 1 (samples 2, 3) never written
+    ds = FeatureDataset(tmp_path / "st")
+    assert torch.equal(ds[5], legacy_item(data[5], DINO[1]))
+    with pytest.raises(IncompleteArrayError, match="sample 3 is in chunk 1, which is not written yet .2/3 chunks done"):
+        ds[3]
+    finished = FeatureDataset(tmp_path / "st", indices=[0, 1, 4, 5])
+    assert [torch.equal(finished[i], legacy_item(data[j], DINO[1])) for i, j in enumerate([0, 1, 4, 5])] == [True] * 4
+
+
+# ---- processes ----------------------------------------------------------------------------------------------------
+def test_pickle_carries_no_store_handles(store, tmp_path):
+    write_fmri(tmp_path / "subj01", store["n"])
+    ds = FeatureDataset(store["root"], data_dir=tmp_path / "subj01", cat_clip=True)
+    ds[0]  # opens arrays and memmaps in this process
+    blob = pickle.dumps(ds)
+    assert b"zarr" not in blob and b"memmap" not in blob
+    copy = pickle.loads(blob)
+    assert copy._fa is None and copy._mm is None
+    assert torch.equal(copy[3][0], ds[3][0])
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_dataloader_workers(store, tmp_path, method):
+    write_fmri(tmp_path / "subj01", store["n"])
+    ds = FeatureDataset(store["root"], data_dir=tmp_path / "subj01", cat_clip=True, indices=[6, 0, 3, 2, 5, 1, 4])
+    direct = [ds[i] for i in range(len(ds))]
+    loader = DataLoader(ds, batch_size=3, num_workers=2, persistent_workers=True,
+                        multiprocessing_context=method)
+    for _ in range(2):  # the second epoch reuses the persistent workers and their open handles
+        seen = 0
+        for img, y in loader:
+            b = img.shape[0]
+            assert torch.equal(img, torch.stack([direct[seen + k][0] for k in range(b)]))
+            for key in ("lh_f", "rh_f"):
+                assert torch.equal(y[key], torch.stack([direct[seen + k][1][key] for k in range(b)]))
+            seen += b
+        assert seen == len(ds)
+
+
+# ---- construction cost --------------------------------------------------------------------------------------------
+class CountingStore(zarr.storage.WrapperStore):
+    """Counts every store call the dataset makes while it is built."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    async def get(self, key, prototype, byte_range=None):
+        self._count("get")
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        self._count("get_partial_values")
+        return await super().get_partial_values(prototype, key_ranges)
+
+    async def exists(self, key):
+        self._count("exists")
+        return await super().exists(key)
+
+    def list(self):
+        self._count("list")
+        return super().list()
+
+    def list_prefix(self, prefix):
+        self._count("list_prefix")
+        return super().list_prefix(prefix)
+
+    def list_dir(self, prefix):
+        self._count("list_dir")
+        return super().list_dir(prefix)
+
+
+def test_construction_reads_metadata_only_whatever_n(tmp_path):
+    counts, sizes = {}, {}
+    for n in (10, 10_000):
+        root = tmp_path / f"n{n}"
+        data = make_array(root, "tiny", n, (2, 2), 2, chunk=1, dtype="float32", write=False)
+        fa = FeatureStore(root, "a").get("tiny", "01", "train")
+        fa.write_chunks(n - 1, data[n - 1 :], durable=False)
+        # the other chunks: only their completion markers (empty files, layout in store.py's docstring); writing
+        # 10,000 real chunks takes longer than this whole test file may, and construction must not read them anyway
+        for i in range(n - 1):
+            (root / fa._done_prefix / str(i)).touch()
+        assert fa.is_complete()
+        counting = CountingStore(zarr.storage.LocalStore(root, read_only=True))
+        ds = FeatureDataset(FeatureStore(counting), feature="tiny")
+        counts[n], sizes[n] = dict(counting.calls), len(pickle.dumps(ds))
+        assert len(ds) == n and counting.calls == counts[n]  # nothing read after construction so far
+        expected = legacy_item(data[n - 1], (2, 2))
+        assert torch.equal(ds[n - 1], expected)  # zarr's own read path (wrapped store) ...
+        assert torch.equal(FeatureDataset(root, feature="tiny")[n - 1], expected)  # ... and the local fast path
+    assert counts[10] == counts[10_000]
+    assert counts[10]["list_dir"] == 1  # the completion record: one listing
+    assert abs(sizes[10] - sizes[10_000]) < 64  # the dataset holds nothing that grows with N
+
+
+# ---- splits -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 10, 101, 8859, 9841])
+@pytest.mark.parametrize("seed", [0, 5, 42])
+def test_train_val_split_reproduces_the_legacy_split(n, seed):
+    state = np.random.get_state()
+    train, val = train_val_split(n, seed=seed)
+    assert np.array_equal(np.random.get_state()[1], state[1])  # numpy's global generator is left alone
+    idxs = np.arange(n)
+    np.random.seed(seed)
+    np.random.shuffle(idxs)
+    num_train = int(np.round(n / 100 * 90))
+    np.random.set_state(state)
+    assert np.array_equal(train, idxs[:num_train]) and np.array_equal(val, idxs[num_train:])
+    assert train.dtype.kind == "i"
+
+
+def test_train_val_split_fractions_and_default_seed():
+    a, b = train_val_split(1000)
+    assert np.array_equal(a, train_val_split(1000, seed=5)[0])  # the Algonauts tutorial's seed
+    assert len(b) == 100
+    for frac in (0.0, 0.25, 0.5):
+        tr, va = train_val_split(1000, val_fraction=frac, seed=1)
+        assert len(va) == round(1000 * frac) and sorted(np.concatenate([tr, va])) == list(range(1000))
+    with pytest.raises(BadArgumentError):
+        train_val_split(10, val_fraction=1.0)
+
+
+def test_worker_refuses_an_array_rewritten_after_construction(tmp_path):
+    make_array(tmp_path / "st", DINO[0], 3, DINO[1], DINO[2])
+    copy = pickle.loads(pickle.dumps(FeatureDataset(tmp_path / "st")))  # as a worker receives it
+    fs = FeatureStore(tmp_path / "st", "a")
+    fs.prepare(DINO[0], "01", "train", shape=(3, 962, DINO[2]), chunk=3, dtype="float16", overwrite=True,
+               meta={"token_layout": {"cls_index": 0, "grid": list(DINO[1])}, "image_names": names(3)},
+               fingerprint={"test": DINO[0]})
+    with pytest.raises(StoreError, match="rewritten after this FeatureDataset was built"):
+        copy[0]
