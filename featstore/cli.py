@@ -77,7 +77,7 @@ def format_info(store) -> str:
     from .store import FeatureStore
 
     fs = FeatureStore(store, mode="r")
-    rows = [("array", "shape", "dtype", "chunks", "on disk", "ratio", "done", "weights")]
+    rows = [("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")]
     for path in fs.list_arrays():
         fa = fs.get(*path.split("/"))
         disk = fa.nbytes_stored()
@@ -87,6 +87,7 @@ def format_info(store) -> str:
         rows.append((
             path, "x".join(map(str, fa.shape)), str(fa.dtype), "x".join(map(str, fa.zarr.chunks)),
             f"{disk / 1e6:.1f} MB", f"{raw / disk:.2f}x" if disk else "-",
+            f"{fa.zarr.size * 4 / disk:.2f}x" if disk else "-",
             f"{int(fa.done_mask().sum())}/{fa.nchunks}", wdesc.strip(),
         ))
     if len(rows) == 1:
@@ -125,6 +126,21 @@ def _ranges(ix: list[int]) -> str:
             out.append(f"{start}" if start == a else f"{start}-{a}")
             start = None
     return ", ".join(out[:20]) + (" ..." if len(out) > 20 else "")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .stats import feature_stats, format_stats, plot_stats, require_plotting
+
+    if args.plot:
+        require_plotting()  # fail before the pass, not after it
+    result = feature_stats(
+        args.store, args.feature, args.subj, args.split, pca=args.pca, scheduler=args.scheduler,
+        workers=args.workers, save=not args.no_save, progress=True,
+    )
+    print(format_stats(result))
+    if args.plot:
+        print(f"plot: {plot_stats(result, args.plot)}")
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -182,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--repair", action="store_true", help="mark corrupt chunks as not done so extract recomputes them")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("stats", help="per-channel mean/std/min/max (CLS and patch tokens), token norms, outlier "
+                       "tokens, value histogram and optional PCA of one array, in one dask pass; saved in the store")
+    p.add_argument("store")
+    p.add_argument("--feature", required=True, help="feature name, e.g. dinov2_q_last")
+    p.add_argument("--subj", default="01", help="subject id (default 01)")
+    p.add_argument("--split", default="train", help="train or synt (default train)")
+    p.add_argument("--pca", type=int, default=0, metavar="K", help="also the top-K principal components of the patch tokens")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS", help="run on a running dask.distributed scheduler")
+    g.add_argument("--workers", type=int, default=None, metavar="N", help="start a local dask cluster of N processes")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the statistics into one figure")
+    p.add_argument("--no-save", dest="no_save", action="store_true", help="do not write the results into the store")
+    p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("sample", help="write a synthetic subject ROOT/subjXX in the Algonauts layout")
     p.add_argument("root")
