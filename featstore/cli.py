@@ -129,7 +129,8 @@ def _ranges(ix: list[int]) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .stats import feature_stats, format_stats, plot_stats, require_plotting
+    from .stats import feature_stats
+    from .stats_report import format_stats, plot_stats, require_plotting
 
     if args.plot:
         require_plotting()  # fail before the pass, not after it
