@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import FeatstoreError, Terminated
+from .errors import FeatstoreError, Interrupted, Terminated
 
 log = logging.getLogger("featstore")
 
@@ -236,6 +236,9 @@ def run(func, args) -> int:
     """Run a command; user errors become one line on stderr and their exit code."""
     try:
         return func(args)
+    except Interrupted as e:
+        print(f"featstore: {e}", file=sys.stderr)
+        return e.exit_code
     except FeatstoreError as e:
         print(f"featstore: error: {e}", file=sys.stderr)
         return e.exit_code
