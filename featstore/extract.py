@@ -378,6 +378,12 @@ def _extract_split(
     )
 
 
+def _has_inf(y: torch.Tensor) -> bool:
+    """`torch.isinf(y).any()`, ~10x cheaper for float16 on CPU: one aminmax pass, the exact test only if it is not finite."""
+    lo, hi = torch.aminmax(y)
+    return not bool(torch.isfinite(lo) & torch.isfinite(hi)) and bool(torch.isinf(y).any())
+
+
 def _run(fa, bb, paths, indices, todo, input_hw, dev, batch_size, dtype, num_workers, durable, progress) -> int:
     loader = DataLoader(
         ImageFiles(paths, indices, bb.preprocess, input_hw),
@@ -399,7 +405,7 @@ def _run(fa, bb, paths, indices, todo, input_hw, dev, batch_size, dtype, num_wor
                 raise CorruptImageError(errors[0])
             with torch.inference_mode():
                 y = bb(x.to(dev, non_blocking=True)).to(tdtype)  # convert on the device, before the host copy
-                if tdtype == torch.float16 and bool(torch.isinf(y).any()):
+                if tdtype == torch.float16 and _has_inf(y):
                     bad = int(torch.isinf(y).flatten(1).any(1).nonzero()[0])
                     raise Float16OverflowError(
                         f"{paths[idx[bad]]}: a feature value exceeds the float16 range (65504); "

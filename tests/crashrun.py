@@ -5,7 +5,7 @@ POINT names where the kill lands, on the K-th occurrence (1-based):
   forward      inside the K-th forward pass
   before_write before the K-th chunk-run write starts
   mid_write    in the middle of writing the K-th chunk file (a truncated *.partial file is left behind)
-  after_write  after the K-th chunk-run's data is written, before its fsync
+  after_write  after the K-th chunk-run's files are written, before the folder fsync and the done markers
   before_mark  after the K-th fsync, before the done markers are written
   mid_mark     after the K-th done marker is written (others of the same run not yet)
 """
@@ -62,10 +62,10 @@ elif point == "mid_write":
 elif point in ("after_write", "before_mark"):
     orig_fsync = FeatureStore._fsync_keys
 
-    def fsync(self, keys):
+    def fsync(self, keys, files=True):
         if point == "after_write" and hit():
             die()
-        orig_fsync(self, keys)
+        orig_fsync(self, keys, files)
         if point == "before_mark" and hit():
             die()
 
