@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from .errors import BadArgumentError, IncompleteArrayError, LayoutError, NotFoundInStoreError, StoreError
 from .layout import Subject
-from .store import FeatureArray, FeatureStore, _image_list_diff
+from .store import FeatureArray, FeatureStore, image_list_diff
 
 CLIP_FEATURE = "clip_vit_512"
 NORMALIZE_MODES = (None, "channel")
@@ -124,7 +124,7 @@ class FeatureDataset(Dataset):
         if clip.shape[0] != fa.shape[0]:
             raise BadArgumentError(f"cat_clip: {clip.path} has {clip.shape[0]} images but {fa.path} has {fa.shape[0]}")
         if clip.image_names != fa.image_names:
-            diff = _image_list_diff(fa.image_names, clip.image_names)
+            diff = image_list_diff(fa.image_names, clip.image_names)
             raise BadArgumentError(f"cat_clip: {clip.path} and {fa.path} hold different images ({diff})")
         return clip
 

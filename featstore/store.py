@@ -510,13 +510,13 @@ def fingerprint_diff(old: dict, new: dict, old_meta: dict | None = None, new_met
         if old.get(k) == new.get(k):
             continue
         if k == "images" and old_meta and new_meta:
-            diffs.append(_image_list_diff(old_meta.get("image_names", []), new_meta.get("image_names", [])))
+            diffs.append(image_list_diff(old_meta.get("image_names", []), new_meta.get("image_names", [])))
         else:
             diffs.append(f"{k}: stored {_short(old.get(k))} vs now {_short(new.get(k))}")
     return "; ".join(diffs)
 
 
-def _image_list_diff(old: list[str], new: list[str]) -> str:
+def image_list_diff(old: list[str], new: list[str]) -> str:
     if len(old) != len(new):
         return f"image list: stored {len(old)} images vs now {len(new)}"
     for i, (a, b) in enumerate(zip(old, new)):
