@@ -175,19 +175,27 @@ class FeatureArray:
         return chunks
 
     @functools.cached_property
-    def _sync_encoder(self):
-        """rows of one chunk -> encoded bytes (zarr's own codecs, synchronously), or None where zarr's write path
-        applies. zarr's path hops between its event loop and thread pool several times per chunk, which costs
-        more than encoding it; this one pads an edge chunk with the fill value exactly as zarr does."""
-        codecs = list(self.zarr.metadata.codecs)
+    def _codec_steps(self) -> list | None:
+        """[(codec, chunk spec it sees)] in encode order, for running zarr's own codecs synchronously; None for
+        wrapped/remote stores and codecs without a sync path (e.g. sharding), which keep zarr's own read/write path."""
+        codecs = list(self.zarr.metadata.codecs)  # array->array, array->bytes, bytes->bytes
         if type(self.store.zstore) is not LocalStore or not all(isinstance(c, SupportsSyncCodec) for c in codecs):
             return None
-        prototype = default_buffer_prototype()
-        spec = self.zarr.metadata.get_chunk_spec((0,) * self.zarr.ndim, self.zarr.config, prototype)
+        spec = self.zarr.metadata.get_chunk_spec((0,) * self.zarr.ndim, self.zarr.config, default_buffer_prototype())
         steps = []
         for codec in codecs:
             steps.append((codec, spec))
             spec = codec.resolve_metadata(spec)
+        return steps
+
+    @functools.cached_property
+    def _sync_encoder(self):
+        """rows of one chunk -> encoded bytes (zarr's own codecs, synchronously), or None where zarr's write path
+        applies. zarr's path hops between its event loop and thread pool several times per chunk, which costs
+        more than encoding it; this one pads an edge chunk with the fill value exactly as zarr does."""
+        if self._codec_steps is None:
+            return None
+        prototype, steps = default_buffer_prototype(), self._codec_steps
         chunk_shape = (self.chunk_len, *self.shape[1:])
         fill = self.zarr.metadata.fill_value
 
@@ -285,16 +293,9 @@ class FeatureArray:
     @functools.cached_property
     def _sync_decoder(self):
         """bytes of one chunk file -> ndarray, or None where only zarr's own read path applies."""
-        codecs = list(self.zarr.metadata.codecs)  # array->array, array->bytes, bytes->bytes, in encode order
-        if type(self.store.zstore) is not LocalStore or not all(isinstance(c, SupportsSyncCodec) for c in codecs):
-            return None  # wrapped/remote stores and codecs without a sync decode (e.g. sharding) keep zarr's path
-        prototype = default_buffer_prototype()
-        spec = self.zarr.metadata.get_chunk_spec((0,) * self.zarr.ndim, self.zarr.config, prototype)
-        steps = []
-        for codec in codecs:
-            steps.append((codec, spec))
-            spec = codec.resolve_metadata(spec)
-        steps.reverse()
+        if self._codec_steps is None:
+            return None
+        prototype, steps = default_buffer_prototype(), self._codec_steps[::-1]
 
         def decode(data: bytes) -> np.ndarray:
             buf = prototype.buffer.from_bytes(data)
