@@ -79,16 +79,13 @@ def format_info(store) -> str:
     fs = FeatureStore(store, mode="r")
     rows = [("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")]
     for path in fs.list_arrays():
-        fa = fs.get(*path.split("/"))
-        disk = fa.nbytes_stored()
-        raw = fa.zarr.nbytes
-        w = fa.meta.get("weights", {})
+        a = fs.get(*path.split("/")).summary()
+        w = a["weights"]
         wdesc = w.get("kind", "?") + (f" seed={w['seed']}" if w.get("kind") == "random" else f" {w.get('name', '')}")
         rows.append((
-            path, "x".join(map(str, fa.shape)), str(fa.dtype), "x".join(map(str, fa.zarr.chunks)),
-            f"{disk / 1e6:.1f} MB", f"{raw / disk:.2f}x" if disk else "-",
-            f"{fa.zarr.size * 4 / disk:.2f}x" if disk else "-",
-            f"{int(fa.done_mask().sum())}/{fa.nchunks}", wdesc.strip(),
+            path, "x".join(map(str, a["shape"])), a["dtype"], "x".join(map(str, a["chunks"])),
+            f"{a['bytes_on_disk'] / 1e6:.1f} MB", f"{a['ratio']:.2f}x", f"{a['ratio_vs_float32']:.2f}x",
+            f"{a['done']}/{a['total']}", wdesc.strip(),
         ))
     if len(rows) == 1:
         return f"{fs.location}: no arrays"

@@ -239,19 +239,16 @@ def _check_subj(subj: str, data_dir: Path) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import numcodecs
-    import zarr
+    from importlib.metadata import PackageNotFoundError, version
 
-    import featstore
+    def v(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:  # e.g. featstore run from a source tree
+            return "unknown"
 
-    return {
-        "featstore": featstore.__version__,
-        "torch": torch.__version__,
-        "zarr": zarr.__version__,
-        "numcodecs": numcodecs.__version__,
-        "numpy": np.__version__,
-        "python": sys.version.split()[0],
-    }
+    pkgs = ("featstore", "torch", "timm", "open_clip_torch", "zarr", "numcodecs", "numpy", "pillow")
+    return {p: v(p) for p in pkgs} | {"python": sys.version.split()[0]}
 
 
 def _image_identity(paths: list[Path]) -> tuple[list[str], list[int], str]:

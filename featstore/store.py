@@ -265,6 +265,16 @@ class FeatureArray:
         missing = [int(i) for i in np.flatnonzero(~mask)]
         return VerifyReport(self.path, self.nchunks, int(mask.sum()), corrupt, missing, problems)
 
+    def summary(self) -> dict[str, Any]:
+        """What `featstore info` shows for this array."""
+        disk = self.nbytes_stored()
+        return {
+            "path": self.path, "shape": self.shape, "dtype": str(self.dtype), "chunks": tuple(self.zarr.chunks),
+            "bytes_on_disk": disk, "ratio": self.zarr.nbytes / disk if disk else float("nan"),
+            "ratio_vs_float32": self.zarr.size * 4 / disk if disk else float("nan"),
+            "done": int(self.done_mask().sum()), "total": self.nchunks, "weights": self.meta.get("weights", {}),
+        }
+
     def nbytes_stored(self) -> int:
         return int(sync(self.store.zstore.getsize_prefix(self.path)))
 
