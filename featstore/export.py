@@ -37,11 +37,13 @@ def export_npy(
         raise NotFoundInStoreError(
             f"{fs.location} has no array matching {wanted}; it contains: {', '.join(fs.list_arrays()) or 'nothing'}"
         )
+    arrays = [fs.get(*sel) for sel in selected]
+    for fa in arrays:  # all or nothing: refuse before writing any file
+        fa.require_complete("exporting it")
     out = Path(output_dir)
     written = []
-    for f, s, sp in selected:
-        fa = fs.get(f, s, sp)
-        fa.require_complete("exporting it")
+    for fa in arrays:
+        f, s, sp = fa.path.split("/")
         dest = out / f / s / f"{sp}.npy"
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -213,3 +213,18 @@ def test_preprocessing_rebuilt_from_attributes_alone(subject, tmp_path, backbone
         row = bb(pre(img)[None]).numpy()[0]
     assert list(pre(img).shape[-2:]) == fa.meta["input_size"]
     np.testing.assert_array_equal(fa.read(3)[0], row)
+
+
+def test_cli_export_info_verify_errors(subject, tmp_path):
+    r = run_cli("info", str(tmp_path / "nowhere.zarr"))
+    _assert_one_line_error(r, "nowhere.zarr", "not a featstore store")
+    store = tmp_path / "s.zarr"
+    extract(subject, store, backbone="dinov2_q", **TINY)
+    r = run_cli("export-npy", "--store", str(store), "--output_dir", str(tmp_path / "npy"), "--feature", "clip_vit_512")
+    _assert_one_line_error(r, "clip_vit_512", "dinov2_q_last/01/train")
+    FeatureStore(store, mode="a").get("dinov2_q_last", "01", "train").mark_undone([2])
+    r = run_cli("export-npy", "--store", str(store), "--output_dir", str(tmp_path / "npy"))
+    _assert_one_line_error(r, "incomplete", "5/6")
+    assert not list((tmp_path / "npy").rglob("*.npy"))
+    r = run_cli("verify", str(store))
+    assert r.returncode == 1 and "missing chunks: 2" in r.stdout
