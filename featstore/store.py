@@ -38,7 +38,6 @@ from .errors import (
 )
 
 DIMENSION_NAMES = ("image", "token", "channel")
-SPLITS = ("train", "synt")
 ATTR_KEY = "featstore"  # all featstore provenance lives under this attribute
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every done chunk has a file: a missing file is corruption
 IO_THREADS = 4  # threads that encode, write and fsync chunks: fsync waits overlap each other and the encoding
@@ -462,8 +461,8 @@ class FeatureStore:
 
     # ---- durability -------------------------------------------------------------------------------------------
     def _fsync_keys(self, keys: list[str], files: bool = True) -> None:
-        """fsync the files (unless already done), then their folders. In parallel: each fsync mostly waits for the disk, and the file
-        system commits concurrent ones together (4 threads: ~4x the fsyncs per second of one)."""
+        """fsync the files (unless already done), then their folders. In parallel: each fsync mostly waits for the
+        disk, and the file system commits concurrent ones together (4 threads: ~4x the fsyncs per second of one)."""
         if self.local_root is None:
             return
         paths = [self.local_root / k for k in keys]
