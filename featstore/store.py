@@ -93,6 +93,28 @@ class FeatureArray:
 
     # ---- description -------------------------------------------------------------------------------------------
     @property
+    def feature(self) -> str:
+        return self.path.split("/")[0]
+
+    @property
+    def subj(self) -> str:
+        return self.path.split("/")[1]
+
+    @property
+    def split(self) -> str:
+        return self.path.split("/")[2]
+
+    @property
+    def uid(self) -> str | None:
+        """Random id of this incarnation of the array (a new one after --overwrite)."""
+        return self.meta.get("uid")
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Everything recorded about how the array was made (backbone, layer, weights, preprocessing, ...)."""
+        return dict(self.meta)
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.zarr.shape)
 
