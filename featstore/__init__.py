@@ -1,6 +1,7 @@
 """featstore: stream frozen-backbone token features of Algonauts/NSD stimuli into chunked Zarr stores.
 
-The public API is re-exported here. The Dataset and the dask statistics load on first use (dask is heavy).
+The public API is re-exported here and loaded on first use, so `import featstore` (and commands that run no model,
+such as `featstore info`) never import torch or dask.
 """
 from __future__ import annotations
 
@@ -8,41 +9,35 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .backbones import get_backbone, list_backbones
-from .errors import FeatstoreError
-from .export import export_npy
-from .extract import ExtractResult, extract
-from .layout import read_subject
-from .sample import make_sample_subject
-from .store import FeatureArray, FeatureStore
-
 _LAZY = {
+    "ExtractConfig": "extract",
+    "ExtractResult": "extract",
+    "extract": "extract",
+    "get_backbone": "backbones",
+    "list_backbones": "backbones",
+    "FeatstoreError": "errors",
+    "export_npy": "export",
+    "read_subject": "layout",
+    "make_sample_subject": "sample",
+    "FeatureArray": "store",
+    "FeatureStore": "store",
     "FeatureDataset": "dataset",
     "train_val_split": "dataset",
     "feature_stats": "stats",
     "load_feature_stats": "stats",
+    **dict.fromkeys(("format_info", "format_stats", "plot_stats", "plot_token_maps", "pca_rgb"), "stats_report"),
 }
 
-__all__ = [
-    "ExtractResult",
-    "FeatstoreError",
-    "FeatureArray",
-    "FeatureDataset",
-    "FeatureStore",
-    "__version__",
-    "export_npy",
-    "extract",
-    "feature_stats",
-    "get_backbone",
-    "list_backbones",
-    "load_feature_stats",
-    "make_sample_subject",
-    "read_subject",
-    "train_val_split",
-]
+__all__ = [*sorted(_LAZY), "__version__"]  # noqa: PLE0605
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'featstore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,11 +1,15 @@
 """`featstore <command>`: argument parsing over the Python API; no logic of its own.
 
-User mistakes print one line (`featstore: error: ...`) and exit 2; interrupted extractions exit 130/143.
+User mistakes print one line (`featstore: error: ...`) and exit 2; data faults (a corrupt chunk, a full disk, a
+corrupt image) exit 1; interrupted extractions exit 130/143. Every flag answers to both spellings (--data_dir,
+--data-dir); --help shows the guide's underscore one.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import re
 import signal
 import sys
 import tempfile
@@ -20,36 +24,83 @@ log = logging.getLogger("featstore")
 def add_extract_args(p: argparse.ArgumentParser, guide_defaults: bool = True) -> None:
     """The guide's flags (same names and defaults) plus featstore's own."""
     from .backbones import list_backbones
+    from .store import CODECS, DEFAULT_CODEC
 
     p.add_argument("--data_dir", required=True, help="Algonauts subject folder, e.g. .../subj01")
-    p.add_argument("--output_dir", required=True, help="featstore Zarr store (created if missing)")
-    p.add_argument("--subj", default="01", help="subject id (default 01)")
-    p.add_argument("--backbone", default="dinov2_q", help=f"one of {', '.join(list_backbones())} (default dinov2_q)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--device", default="cuda", help="cuda (falls back to cpu with a warning) or cpu")
-    p.add_argument("--enc_layer", type=int, default=-1, help="block index, negative from the end (default -1)")
+    p.add_argument("--output_dir", required=True,
+                   help="featstore Zarr store: a folder (created if missing) or a URL such as s3://bucket/store.zarr")
+    p.add_argument("--subj", default="01", help="subject id: 1, 01 or subj01 (default 01)")
+    p.add_argument("--backbone", default="dinov2_q",
+                   help=f"one of {', '.join(list_backbones())}, or variants sharing one model, e.g. dinov2_q,dinov2 "
+                        "(default dinov2_q)")
+    p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--device", default="cuda", help="cuda (falls back to cpu with a warning), cuda:N or cpu "
+                   "(default cuda; with --shard auto, cuda means cuda:LOCAL_RANK)")
+    p.add_argument("--enc_layer", default="-1",
+                   help="block index, negative from the end; a list (-1,-4,6), a range (0:12) or all (default -1)")
     p.add_argument("--weights", default="pretrained", help="pretrained (default), random, or a checkpoint PATH")
     p.add_argument("--arch", default=None, help="override the architecture (timm/open_clip name, or 'tiny')")
     p.add_argument("--image_size", type=int, default=None, help="resize DINOv2 input to this square size")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored dtype (default float16)")
     p.add_argument("--chunk", type=int, default=1, help="samples per storage chunk (default 1)")
-    p.add_argument("--num_workers", type=int, default=2, help="image decoding workers (default 2)")
-    p.add_argument("--shard", default=None, help="K/N: fill only share K (0-based) of N, for parallel writers")
-    p.add_argument("--overwrite", action="store_true", help="start the array over if its configuration changed")
-    p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    p.add_argument("--pack", type=int, default=1,
+                   help="chunks per stored object (Zarr sharding), for object storage (default 1: no packing)")
+    p.add_argument("--codec", default=DEFAULT_CODEC, choices=tuple(CODECS),
+                   help=f"chunk compression, always followed by a crc32c checksum (default {DEFAULT_CODEC})")
+    p.add_argument("--num_workers", type=int, default=2, help="image decoding DataLoader workers (default 2)")
+    p.add_argument("--shard", default=None,
+                   help="K/N: fill only share K (0-based) of N, for parallel writers; auto: from SLURM/torchrun")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start an array over when its configuration changed (says what it discards)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --weights random (default 0)")
     p.add_argument("--no_fsync", action="store_true", help="skip fsync before marking chunks done (faster, less safe)")
+    p.add_argument("--storage_options", default=None, metavar="JSON",
+                   help="fsspec options for a URL store, e.g. '{\"anon\": false}' (credentials and endpoint also "
+                        "come from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
+    p.add_argument("--dry_run", action="store_true", help="print the arrays, their shapes and the bytes they will "
+                   "take, and exit")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the units left as tasks on a running dask.distributed scheduler (e.g. tcp://host:8786); "
+                        "workers need the images at the same paths and the store at the same folder or URL")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run the units left as tasks on a local dask cluster of N worker processes, one model each "
+                        "(dask workers, as in `featstore stats`; --num_workers stays the image decoders per process)")
+
+
+def storage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    import json
+
+    from .errors import BadArgumentError
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadArgumentError(f"--storage_options: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise BadArgumentError("--storage_options: expected a JSON object, e.g. '{\"anon\": true}'")
+    return value
 
 
 def run_extract(args: argparse.Namespace):
     from .extract import extract
 
     result = extract(
-        data_dir=args.data_dir, output_dir=args.output_dir, subj=args.subj, backbone=args.backbone,
+        args.data_dir, args.output_dir, subj=args.subj, backbone=args.backbone,
         batch_size=args.batch_size, device=args.device, enc_layer=args.enc_layer, weights=args.weights,
-        arch=args.arch, image_size=args.image_size, dtype=args.dtype, chunk=args.chunk,
-        num_workers=args.num_workers, shard=args.shard, overwrite=args.overwrite, seed=args.seed,
-        durable=not args.no_fsync,
+        arch=args.arch, image_size=args.image_size, dtype=args.dtype, chunk=args.chunk, pack=args.pack,
+        codec=args.codec, num_workers=args.num_workers, shard=args.shard, overwrite=args.overwrite, seed=args.seed,
+        durable=not args.no_fsync, storage_options=storage_options(args.storage_options), dry_run=args.dry_run,
+        scheduler=getattr(args, "scheduler", None), workers=getattr(args, "workers", None),
     )
+    if result.planned:
+        total = sum(p.estimated_bytes for p in result.planned)
+        for p in result.planned:
+            print(p.line())
+        print(f"dry run: {len(result.planned)} arrays, ~{total / 1e9:.2f} GB on disk when complete (uncompressed "
+              "size; compression saves little on float16 features); nothing was written")
     for s in result.splits:
         print(s.line())
     return result
@@ -69,29 +120,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .stats_report import format_info
+
     print(format_info(args.store))
     return 0
-
-
-def format_info(store) -> str:
-    from .store import FeatureStore
-
-    fs = FeatureStore(store, mode="r")
-    rows = [("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")]
-    for path in fs.list_arrays():
-        a = fs.get(*path.split("/")).summary()
-        w = a["weights"]
-        wdesc = w.get("kind", "?") + (f" seed={w['seed']}" if w.get("kind") == "random" else f" {w.get('name', '')}")
-        rows.append((
-            path, "x".join(map(str, a["shape"])), a["dtype"], "x".join(map(str, a["chunks"])),
-            f"{a['bytes_on_disk'] / 1e6:.1f} MB", f"{a['ratio']:.2f}x", f"{a['ratio_vs_float32']:.2f}x",
-            f"{a['done']}/{a['total']}", wdesc.strip(),
-        ))
-    if len(rows) == 1:
-        return f"{fs.location}: no arrays"
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return f"{fs.location}\n" + "\n".join(lines)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -99,11 +131,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     fs = FeatureStore(args.store, mode="a" if args.repair else "r")
     ok = True
-    for path in fs.list_arrays():
-        rep = fs.get(*path.split("/")).verify(repair=args.repair, progress=True)
+    for fa in fs.arrays():
+        rep = fa.verify(repair=args.repair, progress=True)
         ok &= rep.ok
         state = "ok" if rep.ok else "FAILED"
-        print(f"{path}: {state}: {rep.done}/{rep.total} chunks done, {len(rep.corrupt)} corrupt, {len(rep.missing)} missing")
+        print(f"{fa.path}: {state}: {rep.done}/{rep.total} chunks done, {len(rep.corrupt)} corrupt, {len(rep.missing)} missing")
         if rep.corrupt:
             print(f"  corrupt chunks: {_ranges(rep.corrupt)}" + (" (marked not done)" if args.repair else ""))
         if rep.missing:
@@ -112,6 +144,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"  {p}")
     if args.repair and not ok:
         print("repaired: rerun the extract command to recompute the chunks marked not done")
+    elif not ok:
+        print(f"to recompute corrupt chunks: featstore verify --repair {args.store}, then rerun the extract command")
     return 0 if ok else 1
 
 
@@ -129,15 +163,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from .stats import feature_stats
     from .stats_report import format_stats, plot_stats, require_plotting
 
-    if args.plot:
-        require_plotting()  # fail before the pass, not after it
+    plot = require_plotting(args.plot) if args.plot else None  # a bad --plot fails before the pass, not after it
     result = feature_stats(
         args.store, args.feature, args.subj, args.split, pca=args.pca, scheduler=args.scheduler,
         workers=args.workers, save=not args.no_save, progress=True,
     )
     print(format_stats(result))
-    if args.plot:
-        print(f"plot: {plot_stats(result, args.plot)}")
+    if plot:
+        print(f"plot: {plot_stats(result, plot)}")
     return 0
 
 
@@ -152,6 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .export import export_npy
     from .extract import extract
     from .sample import make_sample_subject
+    from .stats_report import format_info
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="featstore-demo-"))
     t0 = time.perf_counter()
@@ -172,57 +206,173 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+featstore extracts the token features of frozen vision backbones (DINOv2 ViT-B/14, OpenCLIP ViT-L/14) for every
+stimulus image of an Algonauts 2023 / NSD subject into a compressed, chunked Zarr store. Extraction survives crashes
+and resumes where it stopped; the stored features serve training lazily, export to the legacy .npy files and give
+their statistics out of core.
+
+the usual sequence:
+  featstore extract --data_dir DATA/subj01 --output_dir features.zarr --subj 01 --backbone dinov2_q
+  featstore info features.zarr                                what is stored, how complete, how compressed
+  featstore export-npy --store features.zarr --output_dir npy   legacy npy/dinov2_q_last/01/{train,synt}.npy
+  featstore stats features.zarr --feature dinov2_q_last --plot stats.png
+  featstore.FeatureDataset("features.zarr", ...)              in Python: a lazy torch Dataset for training
+
+Try it offline in about a minute: featstore demo. Every flag is also accepted with - for _ (--data-dir).
+'featstore COMMAND --help' lists a command's flags."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where they say something (not None/False, not already in the help text); paragraphs of the
+    description re-wrapped, indented lines (examples) kept as written; flag aliases (--data-dir) left out."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings
+                or "default" in text.lower()):
+            return text
+        return text + " (default: %(default)s)"
+
+    def _fill_text(self, text, width, indent):
+        out = []
+        for para in text.split("\n\n"):
+            lines = para.splitlines()
+            if any(line.startswith(" ") for line in lines[1:]):  # a list of examples: keep as written
+                out.append("\n".join(indent + line for line in lines))
+            else:
+                out.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(out)
+
+    def _format_action_invocation(self, action):
+        aliases = getattr(action, "featstore_aliases", ())
+        if not aliases:
+            return super()._format_action_invocation(action)
+        shown = copy.copy(action)
+        shown.option_strings = [s for s in action.option_strings if s not in aliases]
+        return super()._format_action_invocation(shown)
+
+
+def _add_with_twin(add, names, kw):
+    """add(*names, *twins, **kw), where the twin of --a_b is --a-b and vice versa: both spellings work, the one
+    given first is the documented one (and names the attribute)."""
+    twins = []
+    for n in names:
+        if n.startswith("--"):
+            for t in ("--" + n[2:].replace("-", "_"), "--" + n[2:].replace("_", "-")):
+                if t not in names and t not in twins:
+                    twins.append(t)
+    if not twins:
+        return add(*names, **kw)
+    if "dest" not in kw:
+        kw["dest"] = next(n for n in names if n.startswith("--"))[2:].replace("-", "_")
+    try:
+        action = add(*names, *twins, **kw)
+    except argparse.ArgumentError:  # a twin is taken by another flag: keep the spelling given
+        return add(*names, **kw)
+    action.featstore_aliases = tuple(twins)
+    return action
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """featstore's parser: every --flag_name also answers to --flag-name (and the reverse), defaults are shown in
+    --help, and a usage mistake is one line (`PROG: error: ...`, exit 2) instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        return _add_with_twin(super().add_argument, names, kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        return _with_twins(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return _with_twins(super().add_mutually_exclusive_group(**kwargs))
+
+    def error(self, message: str):
+        message = re.sub(r"(--[\w-]+)/(--[\w-]+)",  # "--data_dir/--data-dir" -> "--data_dir"
+                         lambda m: m[1] if m[1].replace("-", "_") == m[2].replace("-", "_") else m[0], message)
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see: {self.prog} --help)\n")
+
+
+def _with_twins(group):
+    add = group.add_argument
+    group.add_argument = lambda *names, **kwargs: _add_with_twin(add, names, kwargs)
+    return group
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featstore", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog="featstore", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("extract", help="extract one subject's features into a Zarr store (resumable)")
+    def command(name: str, text: str, func) -> ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("extract", "extract one subject's features into a Zarr store (resumable: rerun to continue)",
+                cmd_extract)
     add_extract_args(p)
-    p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("export-npy", help="write the legacy OUT/{feature}/{subj}/{train,synt}.npy files")
-    p.add_argument("--store", required=True)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--feature", default=None)
-    p.add_argument("--subj", default=None)
-    p.add_argument("--split", default=None)
-    p.set_defaults(func=cmd_export)
+    p = command("export-npy", "write the legacy OUTPUT_DIR/{feature}/{subj}/{train,synt}.npy files (float32) from "
+                "complete arrays, chunk by chunk", cmd_export)
+    p.add_argument("--store", required=True, help="the featstore Zarr store to read")
+    p.add_argument("--output_dir", required=True, help="folder that receives FEATURE/SUBJ/SPLIT.npy (created if "
+                   "missing); each file appears only when it is complete")
+    p.add_argument("--feature", default=None, help="only this feature, e.g. dinov2_q_last (default: every feature)")
+    p.add_argument("--subj", default=None, help="only this subject, e.g. 01 (default: every subject)")
+    p.add_argument("--split", default=None, help="only this split, train or synt (default: both)")
 
-    p = sub.add_parser("info", help="list arrays with shape, dtype, chunks, size on disk and completion")
-    p.add_argument("store")
-    p.set_defaults(func=cmd_info)
+    p = command("info", "list the store's arrays: shape, dtype, chunks, bytes on disk, compression ratio, "
+                "completion and weights", cmd_info)
+    p.add_argument("store", help="the featstore Zarr store")
 
-    p = sub.add_parser("verify", help="decode every chunk, check checksums and completeness")
-    p.add_argument("store")
-    p.add_argument("--repair", action="store_true", help="mark corrupt chunks as not done so extract recomputes them")
-    p.set_defaults(func=cmd_verify)
+    p = command("verify", "decode every chunk marked done (checking its crc32c checksum) and report corrupt and "
+                "missing chunks; exit 1 if any", cmd_verify)
+    p.add_argument("store", help="the featstore Zarr store")
+    p.add_argument("--repair", action="store_true",
+                   help="mark corrupt chunks as not done, so that rerunning the extract command recomputes them")
 
-    p = sub.add_parser("stats", help="per-channel mean/std/min/max (CLS and patch tokens), token norms, outlier "
-                       "tokens, value histogram and optional PCA of one array, in one dask pass; saved in the store")
-    p.add_argument("store")
-    p.add_argument("--feature", required=True, help="feature name, e.g. dinov2_q_last")
-    p.add_argument("--subj", default="01", help="subject id (default 01)")
-    p.add_argument("--split", default="train", help="train or synt (default train)")
-    p.add_argument("--pca", type=int, default=0, metavar="K", help="also the top-K principal components of the patch tokens")
+    p = command("stats", "per-channel mean/std/min/max (CLS and patch tokens), token norms, outlier tokens, value "
+                "histogram and optional PCA of one array, in one dask pass; saved in the store", cmd_stats)
+    p.add_argument("store", help="the featstore Zarr store")
+    p.add_argument("--feature", required=True, help="feature name, e.g. dinov2_q_last (see: featstore info)")
+    p.add_argument("--subj", default="01", help="subject id")
+    p.add_argument("--split", default="train", help="train or synt")
+    p.add_argument("--pca", type=int, default=0, metavar="K",
+                   help="also the top-K principal components of the patch tokens (0: none)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--scheduler", default=None, metavar="ADDRESS", help="run on a running dask.distributed scheduler")
-    g.add_argument("--workers", type=int, default=None, metavar="N", help="start a local dask cluster of N processes")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the statistics into one figure")
-    p.add_argument("--no-save", dest="no_save", action="store_true", help="do not write the results into the store")
-    p.set_defaults(func=cmd_stats)
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run on a running dask.distributed scheduler (default: threads of this process)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="start a local dask cluster of N worker processes for this run")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw the statistics into one figure (.png added when the name has no extension)")
+    p.add_argument("--no_save", action="store_true",
+                   help="only print the statistics; do not save them into the store (needed for a read-only store)")
 
-    p = sub.add_parser("sample", help="write a synthetic subject ROOT/subjXX in the Algonauts layout")
-    p.add_argument("root")
-    p.add_argument("--subj", default="01")
-    p.add_argument("--n-train", dest="n_train", type=int, default=16)
-    p.add_argument("--n-test", dest="n_test", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_sample)
+    p = command("sample", "write a synthetic subject ROOT/subjXX in the Algonauts layout (images, fMRI, ROI "
+                "masks), to try featstore without the data", cmd_sample)
+    p.add_argument("root", help="folder that receives subjXX/")
+    p.add_argument("--subj", default="01", help="subject id")
+    p.add_argument("--n_train", type=int, default=16, help="training images (with fMRI)")
+    p.add_argument("--n_test", type=int, default=4, help="test images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and fMRI")
 
-    p = sub.add_parser("demo", help="sample -> extract (random weights) -> export -> info, in about a minute")
-    p.add_argument("--dir", default=None, help="folder for the demo's files (default: a new temporary folder)")
-    p.set_defaults(func=cmd_demo)
+    p = command("demo", "sample -> extract (full-size ViT-B/14, random weights) -> export-npy -> info, in about a "
+                "minute on 2 CPU cores, offline", cmd_demo)
+    p.add_argument("--dir", default=None, help="folder for the demo's files (default: a new temporary folder, kept "
+                   "and printed at the end)")
     return parser
+
+
+def setup_logging() -> None:
+    """featstore's own messages (INFO and up) as `featstore: LEVEL: ...` on stderr; other libraries' (dask,
+    distributed, zarr) only from WARNING up, so their INFO chatter stays out of the terminal."""
+    logging.basicConfig(level=logging.WARNING, format="featstore: %(levelname)s: %(message)s")
+    logging.getLogger("featstore").setLevel(logging.INFO)
 
 
 def _on_sigterm(signum, frame):
@@ -245,7 +395,7 @@ def run(func, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="featstore: %(levelname)s: %(message)s")
+    setup_logging()
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = build_parser().parse_args(argv)
     return run(args.func, args)

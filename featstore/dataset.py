@@ -26,11 +26,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import BadArgumentError, IncompleteArrayError, LayoutError, NotFoundInStoreError, StoreError
-from .layout import Subject
+from .layout import SPLIT_DIRS, Subject, read_subject
 from .store import FeatureArray, FeatureStore, image_list_diff
 
 CLIP_FEATURE = "clip_vit_512"
 NORMALIZE_MODES = (None, "channel")
+TARGET_FORMATS = ("tensor", "legacy")
+SPLIT_ALIASES = {"test": "synt"}  # the Algonauts name of the test split; the store keeps the legacy name
 LEGACY_SEED = 5  # `rand_seed = 5` of the Algonauts 2023 tutorial, which the legacy training code copied
 
 
@@ -53,7 +55,11 @@ class FeatureDataset(Dataset):
     """Samples of `{feature}/{subj}/{split}` as float32 (C, H, W) tensors, optionally with fMRI targets.
 
     store: a store folder or an open FeatureStore. indices: which samples, in order (default all).
-    data_dir: the subject folder; with split "train" items are `(img, {"lh_f": lh, "rh_f": rh})`.
+    split: "train" or "synt" ("test" is accepted for "synt").
+    data_dir: the subject folder, checked to hold the same images as the array; with split "train" items are
+    `(img, {"lh_f": lh, "rh_f": rh})` (float32 tensors), with "synt" bare images (the test split has no fMRI).
+    target_format: "legacy" gives the older training code's items instead: `(img, {"lh_f": [lh], "rh_f": [rh]})`
+    with each fMRI row a float32 numpy array in a one-element list (its collate and `targets[0]["lh_f"]` rely on it).
     cat_clip: append the clip_vit_512 CLS embedding of the same image, tiled over the grid, as extra channels.
     normalize: "channel" z-scores each channel with the train split's saved statistics (`featstore stats`: patch
     token mean/std; for appended CLIP channels the clip_vit_512 CLS mean/std), for both splits, so test features
@@ -70,13 +76,18 @@ class FeatureDataset(Dataset):
         data_dir: str | Path | None = None,
         cat_clip: bool = False,
         normalize: str | None = None,
+        target_format: str = "tensor",
     ):
         if normalize not in NORMALIZE_MODES:
             raise BadArgumentError(f"normalize={normalize!r}: choose one of {', '.join(map(repr, NORMALIZE_MODES))}")
+        if target_format not in TARGET_FORMATS:
+            raise BadArgumentError(f"target_format={target_format!r}: choose one of {', '.join(TARGET_FORMATS)}")
+        self.target_format = target_format
+        split = SPLIT_ALIASES.get(split, split)
         fs = store if isinstance(store, FeatureStore) else FeatureStore(store, mode="r")
-        # what a worker reopens: the folder of a plain local store, else the (picklable) zarr Store object itself
-        plain_local = fs.local_root is not None and getattr(fs.zstore, "_store", None) is None
-        self._source = str(fs.local_root) if plain_local else fs.zstore
+        # what a worker reopens: the folder or URL (with its fsspec options), else the (picklable) zarr Store object;
+        # never the parent's open S3 client, which is bound to the parent's event loop (fails after a fork)
+        self._source, self._storage_options = fs.source, fs.storage_options
         self.feature, self.subj, self.split = feature, subj, split
         fa = fs.get(feature, subj, split)
         n_total, n_tokens, c = fa.shape
@@ -108,10 +119,13 @@ class FeatureDataset(Dataset):
                 self._clip_scale, self._clip_shift = self._zscore(fs, clip, "cls")
 
         self._fmri: tuple[str, str] | None = None
+        self.n_vertices: dict[str, int] = {}  # {"lh": V_lh, "rh": V_rh} when the items carry fMRI
         if data_dir is not None:
-            self._fmri = _check_fmri(data_dir, split, n_total, fa.path)
+            _check_images(data_dir, fa)
+            if split == "train":
+                self._fmri, self.n_vertices = _check_fmri(data_dir, n_total, fa.path)
 
-        self._uids = (fa.meta.get("uid"), clip.meta.get("uid") if clip is not None else None)
+        self._uids = (fa.uid, clip.uid if clip is not None else None)
         self._pid = os.getpid()
         self._fa, self._clip, self._mm = fa, clip, None  # per-process handles, never pickled
 
@@ -130,7 +144,7 @@ class FeatureDataset(Dataset):
 
     def _zscore(self, fs: FeatureStore, fa: FeatureArray, part: str) -> tuple[np.ndarray, np.ndarray]:
         """(1/std, -mean/std) per channel from the saved `{part}_mean`/`{part}_std` of the train split."""
-        feature = fa.path.split("/")[0]
+        feature = fa.feature
         source = fa if self.split == "train" else fs.get(feature, self.subj, "train")
         stats = fs.load_stats(source) or {}
         names = (f"{part}_mean", f"{part}_std")
@@ -153,20 +167,30 @@ class FeatureDataset(Dataset):
 
     def _arrays(self) -> tuple[FeatureArray, FeatureArray | None]:
         if self._pid != os.getpid():  # a new worker (spawned or forked): open our own handles, once
-            fs = FeatureStore(self._source, mode="r")
+            fs = FeatureStore(self._source, mode="r", storage_options=self._storage_options)
             self._fa = fs.get(self.feature, self.subj, self.split)
             self._clip = fs.get(CLIP_FEATURE, self.subj, self.split) if self.cat_clip else None
-            uids = (self._fa.meta.get("uid"), self._clip.meta.get("uid") if self._clip is not None else None)
+            uids = (self._fa.uid, self._clip.uid if self._clip is not None else None)
             if uids != self._uids:  # rewritten (--overwrite) since construction: our done mask no longer holds
                 raise StoreError(f"{self._fa.path} was rewritten after this FeatureDataset was built; build it again")
             self._mm, self._pid = None, os.getpid()
         return self._fa, self._clip
 
-    def _fmri_rows(self, j: int) -> dict[str, torch.Tensor]:
+    def _fmri_rows(self, j: int) -> dict[str, Any]:
         if self._mm is None:
             self._mm = tuple(np.load(p, mmap_mode="r") for p in self._fmri)
-        lh, rh = (torch.from_numpy(np.array(m[j], dtype=np.float32)) for m in self._mm)
-        return {"lh_f": lh, "rh_f": rh}
+        lh, rh = (np.array(m[j], dtype=np.float32) for m in self._mm)
+        if self.target_format == "legacy":
+            return {"lh_f": [lh], "rh_f": [rh]}
+        return {"lh_f": torch.from_numpy(lh), "rh_f": torch.from_numpy(rh)}
+
+    def targets(self, i: int) -> dict[str, Any]:
+        """The fMRI targets of item i without reading its features (e.g. to pair features with permuted targets)."""
+        if self._fmri is None:
+            raise BadArgumentError(f"{self.feature}/{self.subj}/{self.split}: no fMRI targets (pass data_dir, split train)")
+        j = self.sample_index(i)
+        self._arrays()  # a new process drops the memmaps of the old one
+        return self._fmri_rows(j)
 
     # ---- Dataset ----------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -237,11 +261,26 @@ def _as_indices(indices: Any, n: int, path: str) -> np.ndarray:
     return idx
 
 
-def _check_fmri(data_dir: str | Path, split: str, n: int, path: str) -> tuple[str, str]:
-    if split != "train":
-        raise BadArgumentError(f"fMRI targets exist only for split 'train', not {split!r}; leave data_dir unset")
+def _check_images(data_dir: str | Path, fa: FeatureArray) -> None:
+    """data_dir must hold the images the array was extracted from (names in order), or its fMRI rows and ROI
+    masks would silently belong to another subject with the same image count."""
+    stored = fa.image_names
+    if not stored:  # a store that did not record its images: nothing to compare against
+        return
+    if fa.split not in SPLIT_DIRS or not (Path(data_dir) / SPLIT_DIRS[fa.split]).is_dir():
+        where = SPLIT_DIRS.get(fa.split, f"a folder for split {fa.split!r}")
+        raise LayoutError(f"data_dir {data_dir}: no {where}/ to match the images of {fa.path}")
+    names = [p.name for p in read_subject(data_dir, splits=[fa.split]).images[fa.split]]
+    if names != stored:
+        raise BadArgumentError(
+            f"data_dir {data_dir} holds other images than {fa.path} was extracted from "
+            f"({image_list_diff(stored, names)}); is it the same subject?"
+        )
+
+
+def _check_fmri(data_dir: str | Path, n: int, path: str) -> tuple[tuple[str, str], dict[str, int]]:
     subject = Subject(root=Path(data_dir))
-    files = []
+    files, vertices = [], {}
     for hemi in ("lh", "rh"):
         f = subject.fmri(hemi)
         if not f.is_file():
@@ -250,7 +289,8 @@ def _check_fmri(data_dir: str | Path, split: str, n: int, path: str) -> tuple[st
         if len(rows) != 2 or rows[0] != n:
             raise BadArgumentError(f"{f} has shape {rows}, expected ({n}, vertices) to match the {n} images of {path}")
         files.append(str(f))
-    return files[0], files[1]
+        vertices[hemi] = int(rows[1])
+    return (files[0], files[1]), vertices
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:

@@ -56,6 +56,12 @@ class IncompleteArrayError(FeatstoreError, RuntimeError):
     """A read of samples (or statistics) over chunks that are not marked done."""
 
 
+class CorruptChunkError(FeatstoreError, ValueError):
+    """A chunk marked done fails to decode or checksum; `featstore verify --repair` then extract recomputes it."""
+
+    exit_code = 1
+
+
 class CorruptImageError(FeatstoreError, OSError):
     """A stimulus image could not be decoded."""
 
@@ -64,6 +70,12 @@ class CorruptImageError(FeatstoreError, OSError):
 
 class Float16OverflowError(FeatstoreError, OverflowError):
     """A feature value does not fit float16; use --dtype float32."""
+
+    exit_code = 1
+
+
+class ClusterError(FeatstoreError, RuntimeError):
+    """A distributed extraction task failed for good (after retries, or its workers kept dying); what finished is kept."""
 
     exit_code = 1
 

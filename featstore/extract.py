@@ -1,8 +1,10 @@
 """The pipeline: image-loader workers -> backbone -> background writer -> store. Resume lives here.
 
-Only chunks that are not marked done (and belong to this process's `shard`) are computed; rows are assembled into
-whole chunks, so the store never does a read-modify-write, and a background thread writes finished chunks while the
-next batch runs through the backbone. Memory is bounded by the writer queue (a few batches), whatever N is.
+One forward pass per batch yields every requested (variant, layer); each goes to its own array. Only units (chunks,
+or shards with --pack) that are not marked done in some array (and belong to this process's share) are computed,
+and each array receives only the units it lacks. Rows are assembled into whole units, so the store never does a
+read-modify-write, and a background thread writes finished units while the next batch runs through the backbone.
+Memory is bounded by the writer queue, in bytes, whatever N or the number of arrays is.
 """
 from __future__ import annotations
 
@@ -10,12 +12,15 @@ import hashlib
 import logging
 import queue
 import re
+import shutil
+import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +28,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, Preprocess, get_backbone
+from .backbones import Backbone, Preprocess, check_layer_spec, get_backbone, parse_backbones
+from .cluster import detect_shard
+from .cluster import resolve_device as cluster_device
 from .errors import (
     BadArgumentError,
     CorruptImageError,
@@ -33,11 +40,62 @@ from .errors import (
     Terminated,
 )
 from .layout import read_subject
-from .store import FeatureArray, FeatureStore, check_writable_dir
+from .store import DEFAULT_CODEC, FeatureArray, FeatureStore, check_writable_dir, compressors, is_url
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float16", "float32")
+
+
+@dataclass
+class ExtractConfig:
+    """Everything an extraction run is configured by (the CLI flags, in Python)."""
+
+    subj: str = "01"
+    backbone: str | list[str] | Backbone = "dinov2_q"  # one variant, several sharing one model ("dinov2_q,dinov2"),
+    # or a built Backbone
+    batch_size: int = 16
+    device: str = "cuda"
+    enc_layer: int | str | list[int] = -1  # -1, "-1,-4,6", "0:12", "all", [0, 5]
+    weights: str = "pretrained"  # "pretrained", "random" (seeded) or a checkpoint path
+    arch: str | None = None
+    image_size: int | None = None
+    dtype: str = "float16"
+    chunk: int = 1  # samples per chunk
+    pack: int = 1  # chunks per stored object (zarr sharding); the unit of writing and of the completion record
+    codec: str = DEFAULT_CODEC
+    num_workers: int = 2  # image-decoding DataLoader workers
+    shard: str | tuple[int, int] | None = None  # "K/N", (K, N) or "auto" (SLURM / torchrun variables)
+    overwrite: bool = False
+    splits: list[str] | None = None
+    seed: int = 0
+    durable: bool = True
+    progress: bool = True
+    storage_options: dict[str, Any] | None = None
+    queue_mb: int = 512  # bytes of computed rows the writer may hold before the forward pass waits
+
+    def validate(self) -> ExtractConfig:
+        if self.dtype not in DTYPES:
+            raise BadArgumentError(f"--dtype {self.dtype!r}: choose float16 or float32")
+        for flag in ("batch_size", "chunk", "pack"):
+            if int(getattr(self, flag)) < 1:
+                raise BadArgumentError(f"--{flag} {getattr(self, flag)}: must be >= 1")
+        if self.num_workers < 0:
+            raise BadArgumentError(f"--num_workers {self.num_workers}: must be >= 0")
+        compressors(self.codec, self.dtype)  # names the flag when unknown
+        if isinstance(self.backbone, Backbone):
+            return replace(self, subj=normalize_subj(self.subj))
+        parse_backbones(self.backbone)  # unknown names and unshareable mixes fail before anything is printed
+        check_layer_spec(self.enc_layer)
+        return replace(self, subj=normalize_subj(self.subj))
+
+
+def normalize_subj(subj: str | int) -> str:
+    """`1`, `01` and `subj01` all name subject 01 (the guide's main.py writes `--subj 1`)."""
+    m = re.fullmatch(r"(?:subj)?0*(\d{1,2})", str(subj).strip())
+    if not m or int(m.group(1)) < 1:
+        raise BadArgumentError(f"--subj {subj!r}: expected a subject number like 1 or 01")
+    return f"{int(m.group(1)):02d}"
 
 
 @dataclass
@@ -46,8 +104,8 @@ class SplitSummary:
     n: int
     shape: tuple[int, ...]
     dtype: str
-    computed: int  # images computed by this run
-    skipped: int  # images whose chunks were already done (or belong to another shard)
+    computed: int  # images computed by this run for this array
+    skipped: int  # images whose units were already done (or belong to another share)
     done_chunks: int
     total_chunks: int
     bytes_on_disk: int
@@ -70,12 +128,31 @@ class SplitSummary:
 
 
 @dataclass
+class PlannedArray:
+    path: str
+    shape: tuple[int, int, int]
+    dtype: str
+    todo_images: int  # images this run would compute for it
+    estimated_bytes: int  # on disk when complete
+
+    def line(self) -> str:
+        return (f"{self.path}: shape={self.shape} {self.dtype}, ~{self.estimated_bytes / 1e9:.2f} GB on disk, "
+                f"{self.todo_images} images to compute")
+
+
+@dataclass
 class ExtractResult:
     store: str
-    feature: str
+    feature: str  # the first array's feature (the only one for a single-output run)
     splits: list[SplitSummary] = field(default_factory=list)
+    planned: list[PlannedArray] = field(default_factory=list)  # dry runs
+
+    @property
+    def features(self) -> list[str]:
+        return sorted({s.path.split("/")[0] for s in self.splits} | {p.path.split("/")[0] for p in self.planned})
 
 
+# ---- images -----------------------------------------------------------------------------------------------------------
 class ImageFiles(Dataset):
     """Decodes and preprocesses images in DataLoader workers; errors travel back as data, not tracebacks."""
 
@@ -106,8 +183,16 @@ def _collate(items):
     return idx, torch.stack([x for _, x in items]), []
 
 
+def _quiet_worker(_: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which stops them after settling its writes; a
+    group-wide signal (Ctrl-C, scancel, kill -- -PGID) then never kills a worker under the main process's feet."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# ---- chunk assembly and writing ---------------------------------------------------------------------------------------
 class ChunkAssembler:
-    """Turns the ordered stream of computed rows into runs of whole, consecutive chunks (views where possible)."""
+    """Turns the ordered stream of computed rows into runs of whole, consecutive units (views where possible)."""
 
     def __init__(self, fa: FeatureArray, chunks: list[int]):
         self.fa, self.chunks, self.pos = fa, chunks, 0
@@ -115,7 +200,7 @@ class ChunkAssembler:
         self.filled = 0
 
     def add(self, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        done: list[tuple[int, np.ndarray, int]] = []  # (chunk, data, offset in rows or -1 if staged)
+        done: list[tuple[int, np.ndarray, int]] = []  # (unit, data, offset in rows or -1 if staged)
         i = 0
         while i < len(rows):
             c = self.chunks[self.pos]
@@ -138,7 +223,7 @@ class ChunkAssembler:
             self.pos += 1
         runs: list[tuple[int, np.ndarray]] = []
         j = 0
-        while j < len(done):  # merge consecutive chunks that are adjacent views of `rows`
+        while j < len(done):  # merge consecutive units that are adjacent views of `rows`
             c0, data, off = done[j]
             k = j
             while (
@@ -156,14 +241,19 @@ class ChunkAssembler:
 
 
 class BackgroundWriter:
-    """Writes chunk runs on a thread so the store overlaps the next forward pass; keeps the first error."""
+    """Writes unit runs of any number of arrays on a thread, so the store overlaps the next forward pass.
 
-    def __init__(self, fa: FeatureArray, durable: bool, depth: int = 2):
-        self.fa, self.durable = fa, durable
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
+    The queue is bounded in bytes (`limit`; one item always fits), so memory stays flat however many arrays one
+    forward pass feeds. `on_written(rows)` is called after each run is durably written and marked done.
+    """
+
+    def __init__(self, durable: bool, limit: int, on_written=None):
+        self.durable, self.limit, self.on_written = durable, limit, on_written
+        self.q: queue.Queue = queue.Queue()
+        self.cv = threading.Condition()
+        self.pending = 0
         self.error: BaseException | None = None
-        self.failed_chunk: int | None = None
-        self.written = 0
+        self.failed: tuple[str, int] | None = None
         self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
         self.thread.start()
 
@@ -172,24 +262,34 @@ class BackgroundWriter:
             item = self.q.get()
             if item is None:
                 return
-            if self.error is not None:
-                continue  # drain without writing after a failure
-            first, data = item
+            fa, first, data = item
             try:
-                self.written += len(self.fa.write_chunks(first, data, durable=self.durable))
+                if self.error is None:  # drain without writing after a failure
+                    fa.write_chunks(first, data, durable=self.durable)
+                    if self.on_written is not None:
+                        self.on_written(len(data))
             except BaseException as e:  # noqa: BLE001 - reported to the main thread
-                self.error, self.failed_chunk = e, first
+                self.error, self.failed = e, (fa.path, first)
+            finally:
+                with self.cv:
+                    self.pending -= data.nbytes
+                    self.cv.notify_all()
 
-    def put(self, first: int, data: np.ndarray) -> None:
+    def put(self, fa: FeatureArray, first: int, data: np.ndarray) -> None:
         self.check()
-        self.q.put((first, data))
+        with self.cv:
+            self.cv.wait_for(lambda: self.pending == 0 or self.pending + data.nbytes <= self.limit
+                             or self.error is not None)
+            self.pending += data.nbytes
+        self.q.put((fa, first, data))
 
     def check(self) -> None:
         if self.error is not None:
             e = self.error
             reason = getattr(e, "strerror", None) or str(e)
+            path, unit = self.failed
             raise StoreWriteError(
-                f"writing chunk {self.failed_chunk} of {self.fa.path} failed: {reason}; "
+                f"writing chunk {unit} of {path} failed: {reason}; "
                 "chunks written before are kept; fix the cause and rerun the same command to resume"
             ) from e
 
@@ -198,28 +298,20 @@ class BackgroundWriter:
         self.thread.join()
 
 
+# ---- shares, devices, identities --------------------------------------------------------------------------------------
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int]:
-    """'K/N' (K in 0..N-1) -> (K, N)."""
-    if shard is None:
-        return 0, 1
-    if isinstance(shard, tuple):
-        k, n = shard
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
-        if not m:
-            raise BadArgumentError(f"--shard {shard!r}: expected K/N, e.g. 0/4")
-        k, n = int(m.group(1)), int(m.group(2))
-    if not (n >= 1 and 0 <= k < n):
-        raise BadArgumentError(f"--shard {k}/{n}: K must be in 0..N-1")
-    return k, n
+    """'K/N' (K in 0..N-1), (K, N), 'auto' or None -> (K, N)."""
+    s = detect_shard(shard)
+    return s.k, s.n
 
 
 def shard_chunks(nchunks: int, k: int, n: int) -> np.ndarray:
-    """This shard's chunk indices: one contiguous, chunk-aligned range of N nearly equal ones."""
+    """This share's unit indices: one contiguous range of N nearly equal ones."""
     return np.array_split(np.arange(nchunks), n)[k]
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, shard: Any = None) -> torch.device:
+    device = cluster_device(device, shard=shard)
     if device.startswith("cuda") and not torch.cuda.is_available():
         log.warning("--device %s requested but CUDA is not available; running on CPU", device)
         return torch.device("cpu")
@@ -230,8 +322,6 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _check_subj(subj: str, data_dir: Path) -> str:
-    if not re.fullmatch(r"\d{2}", str(subj)):
-        raise BadArgumentError(f"--subj {subj!r}: expected a two-digit subject id like 01")
     m = re.fullmatch(r"subj(\d{2})", data_dir.resolve().name)
     if m and m.group(1) != subj:
         raise BadArgumentError(f"--subj {subj} does not match --data_dir {data_dir} (subject {m.group(1)})")
@@ -258,121 +348,260 @@ def _image_identity(paths: list[Path]) -> tuple[list[str], list[int], str]:
     return names, sizes, h
 
 
+# ---- entry points -----------------------------------------------------------------------------------------------------
 def extract(
     data_dir: str | Path,
     output_dir: str | Path,
-    subj: str = "01",
-    backbone: str | Backbone = "dinov2_q",
-    batch_size: int = 16,
-    device: str = "cuda",
-    enc_layer: int = -1,
-    weights: str = "pretrained",
-    arch: str | None = None,
-    image_size: int | None = None,
-    dtype: str = "float16",
-    chunk: int = 1,
-    num_workers: int = 2,
-    shard: str | tuple[int, int] | None = None,
-    overwrite: bool = False,
-    splits: list[str] | None = None,
-    seed: int = 0,
-    durable: bool = True,
-    progress: bool = True,
+    config: ExtractConfig | None = None,
+    *,
     store: FeatureStore | None = None,
+    dry_run: bool = False,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    **options: Any,
 ) -> ExtractResult:
-    """Extract one subject's features into the store at `output_dir`, resuming whatever is already done."""
-    if dtype not in DTYPES:
-        raise BadArgumentError(f"--dtype {dtype!r}: choose float16 or float32")
-    if batch_size < 1:
-        raise BadArgumentError(f"--batch_size {batch_size}: must be >= 1")
-    if chunk < 1:
-        raise BadArgumentError(f"--chunk {chunk}: must be >= 1")
-    k, n = parse_shard(shard)
+    """Extract one subject's features into the store at `output_dir` (a folder or an fsspec URL), resuming whatever
+    is already done. Options are the fields of ExtractConfig (e.g. backbone="dinov2_q,dinov2", enc_layer="0:12").
+    `dry_run` only reports the arrays, their shapes and the bytes they will take. `scheduler` (a dask.distributed
+    ADDRESS) or `workers` (a LocalCluster of N processes) runs the units left as tasks on a cluster (distributed.py)."""
+    known = {f.name for f in fields(ExtractConfig)}
+    bad = sorted(set(options) - known)
+    if bad:
+        raise TypeError(f"extract() got unknown option(s) {', '.join(bad)}; options are: {', '.join(sorted(known))}")
+    cfg = replace(config or ExtractConfig(), **options).validate()
+    share = parse_shard(cfg.shard)
     data_dir = Path(data_dir)
-    subject = read_subject(data_dir, splits)
-    subj = _check_subj(str(subj), data_dir)
-    if store is None:
-        check_writable_dir(Path(output_dir), "--output_dir")
-    dev = resolve_device(device)
-    bb = backbone if isinstance(backbone, Backbone) else get_backbone(
-        backbone, layer=enc_layer, weights=weights, arch=arch, seed=seed, image_size=image_size
-    )
+    subject = read_subject(data_dir, cfg.splits)
+    subj = _check_subj(cfg.subj, data_dir)
+    if dry_run:
+        fs = store or _open_for_plan(output_dir, cfg)
+        bb = _backbone(cfg, weights="random")  # shapes only: no weights are needed
+        planned = [p for split, paths in subject.images.items()
+                   for p in SplitJob(fs, bb, cfg, subj, split, paths, share).plan()]
+        return ExtractResult(store=str(output_dir), feature=bb.outputs[0].feature, planned=planned)
+    if store is None and not is_url(str(output_dir)):
+        check_writable_dir(Path(output_dir), "--output_dir")  # before any model is loaded
+    if scheduler is not None or workers is not None:
+        from .distributed import extract_on_cluster
+
+        return extract_on_cluster(subject, subj, output_dir, cfg, store=store, scheduler=scheduler, workers=workers)
+    dev = resolve_device(cfg.device, cfg.shard)
+    bb = _backbone(cfg, weights=cfg.weights)
     if bb.weights.get("kind") == "random":
-        log.warning("using RANDOM weights (seed %s) for %s: features are not pretrained", bb.weights.get("seed"), bb.name)
+        log.warning("using RANDOM weights (seed %s) for %s: features are not pretrained",
+                    bb.weights.get("seed"), ",".join(o.backbone for o in bb.outputs))
     bb.to(dev)
-    fs = store or FeatureStore(output_dir, mode="a")
-    result = ExtractResult(store=fs.location, feature=bb.feature)
+    fs = store or FeatureStore(output_dir, mode="a", storage_options=cfg.storage_options)
+    if cfg.shard is not None:
+        log.info("%s", detect_shard(cfg.shard).line())
+    result = ExtractResult(store=fs.location, feature=bb.outputs[0].feature)
     for split, paths in subject.images.items():
-        result.splits.append(
-            _extract_split(fs, bb, subj, split, paths, dev, batch_size, dtype, chunk, num_workers,
-                           (k, n), overwrite, durable, progress)
-        )
+        result.splits.extend(SplitJob(fs, bb, cfg, subj, split, paths, share).run(dev))
     return result
 
 
-def _extract_split(
-    fs: FeatureStore,
-    bb: Backbone,
-    subj: str,
-    split: str,
-    paths: list[Path],
-    dev: torch.device,
-    batch_size: int,
-    dtype: str,
-    chunk: int,
-    num_workers: int,
-    shard: tuple[int, int],
-    overwrite: bool,
-    durable: bool,
-    progress: bool,
-) -> SplitSummary:
-    t0 = time.perf_counter()
+def _backbone(cfg: ExtractConfig, weights: str) -> Backbone:
+    if isinstance(cfg.backbone, Backbone):
+        return cfg.backbone
+    return get_backbone(cfg.backbone, layer=cfg.enc_layer, weights=weights, arch=cfg.arch, seed=cfg.seed,
+                        image_size=cfg.image_size)
+
+
+def _open_for_plan(output_dir: str | Path, cfg: ExtractConfig) -> FeatureStore | None:
+    """A dry run reads an existing store (to count what is left) and never creates one."""
     try:
-        with Image.open(paths[0]) as im:
-            input_hw = bb.preprocess.output_size((im.height, im.width))
-    except Exception as e:  # noqa: BLE001
-        raise CorruptImageError(f"{paths[0]}: cannot read image ({type(e).__name__}: {e})") from None
-    T, C, grid = bb.token_shape(input_hw)
-    names, sizes, images_sha = _image_identity(paths)
-    desc = bb.describe()
-    fingerprint = {
-        "images": images_sha,
-        "n_images": len(paths),
-        **{key: desc[key] for key in ("backbone", "arch", "layer", "weights", "preprocess")},
-    }
-    meta = {
-        **desc,
-        "feature": bb.feature,
-        "subj": subj,
-        "split": split,
-        "input_size": list(input_hw),
-        "token_layout": {"cls_index": bb.cls_index, "grid": list(grid), "n_tokens": T},
-        "image_names": names,
-        "image_sizes": sizes,
-        "versions": _versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    fa, created = fs.prepare(
-        bb.feature, subj, split, shape=(len(paths), T, C), chunk=chunk, dtype=dtype,
-        meta=meta, fingerprint=fingerprint, overwrite=overwrite,
-    )
-    mine = shard_chunks(fa.nchunks, *shard)
-    done = fa.done_mask()
-    todo = [int(c) for c in mine if not done[c]]
-    if not created and todo:
-        removed = fa.clean_partials(todo)
-        if removed:
-            log.info("%s: removed %d stray temporary files from an interrupted run", fa.path, removed)
-    indices = [i for c in todo for i in range(*fa.chunk_range(c))]
-    computed = 0
-    if indices:
-        computed = _run(fa, bb, paths, indices, todo, input_hw, dev, batch_size, dtype, num_workers, durable, progress)
-    mask = fa.done_mask()
-    return SplitSummary(
-        path=fa.path, n=len(paths), shape=fa.shape, dtype=dtype, computed=computed,
-        skipped=len(paths) - computed, done_chunks=int(mask.sum()), total_chunks=fa.nchunks,
-        bytes_on_disk=fa.nbytes_stored(), seconds=time.perf_counter() - t0,
-    )
+        return FeatureStore(output_dir, mode="r", storage_options=cfg.storage_options)
+    except Exception:  # noqa: BLE001 - no store yet: everything is left to do
+        return None
+
+
+class SplitJob:
+    """One split of one subject: its arrays (one per backbone output), what each lacks, and the run that fills it."""
+
+    def __init__(self, fs: FeatureStore | None, bb: Backbone, cfg: ExtractConfig, subj: str, split: str,
+                 paths: list[Path], share: tuple[int, int]):
+        self.fs, self.bb, self.cfg, self.subj, self.split, self.paths, self.share = fs, bb, cfg, subj, split, paths, share
+        try:
+            with Image.open(paths[0]) as im:
+                self.input_hw = bb.preprocess.output_size((im.height, im.width))
+        except Exception as e:  # noqa: BLE001
+            raise CorruptImageError(f"{paths[0]}: cannot read image ({type(e).__name__}: {e})") from None
+        self.T, self.C, self.grid = bb.token_shape(self.input_hw)
+        self.shape = (len(paths), self.T, self.C)
+
+    def _meta(self, feature: str) -> tuple[dict, dict]:
+        names, sizes, images_sha = _image_identity(self.paths)
+        desc = self.bb.describe(feature)
+        fingerprint = {
+            "images": images_sha, "n_images": len(self.paths),
+            **{key: desc[key] for key in ("backbone", "arch", "layer", "weights", "preprocess") if key in desc},
+        }
+        meta = {
+            **desc, "feature": feature, "subj": self.subj, "split": self.split, "input_size": list(self.input_hw),
+            "token_layout": {"cls_index": self.bb.cls_index, "grid": list(self.grid), "n_tokens": self.T},
+            "image_names": names, "image_sizes": sizes, "versions": _versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return meta, fingerprint
+
+    def plan(self) -> list[PlannedArray]:
+        unit = self.cfg.chunk * self.cfg.pack
+        nunits = -(-len(self.paths) // unit)
+        mine = shard_chunks(nunits, *self.share)
+        itemsize = np.dtype(self.cfg.dtype).itemsize
+        out = []
+        for o in self.bb.outputs:
+            done = np.zeros(nunits, dtype=bool)
+            if self.fs is not None and self.fs.exists(o.feature, self.subj, self.split):
+                fa = self.fs.get(o.feature, self.subj, self.split)
+                if fa.nchunks == nunits:
+                    done = fa.done_mask()
+            todo = sum(min((c + 1) * unit, len(self.paths)) - c * unit for c in mine if not done[c])
+            out.append(PlannedArray(f"{o.feature}/{self.subj}/{self.split}", self.shape, self.cfg.dtype, todo,
+                                    int(np.prod(self.shape)) * itemsize))
+        return out
+
+    def prepare(self) -> list[FeatureArray]:
+        """Create (or open and check) the arrays of every output; race-free across processes."""
+        cfg, arrays = self.cfg, []
+        for o in self.bb.outputs:
+            meta, fingerprint = self._meta(o.feature)
+            fa, _ = self.fs.prepare(
+                o.feature, self.subj, self.split, shape=self.shape, chunk=cfg.chunk, dtype=cfg.dtype, meta=meta,
+                fingerprint=fingerprint, overwrite=cfg.overwrite, codec=cfg.codec, pack=cfg.pack,
+            )
+            arrays.append(fa)
+        return arrays
+
+    def run(self, dev: torch.device, units: list[int] | None = None, lock: bool = True) -> list[SplitSummary]:
+        """Fill what the arrays lack among this share's units (or only among `units`, e.g. one distributed task's
+        range; such callers hand out disjoint ranges and pass lock=False)."""
+        t0 = time.perf_counter()
+        arrays = self.prepare()
+        locks = [fa.lock(self.share).acquire() for fa in arrays] if lock else []
+        try:
+            todo = self.todo(arrays, units)
+            self._check_space(arrays, todo)
+            computed = self.fill(arrays, todo, dev)
+        finally:
+            for lk in locks:
+                lk.release()
+        return self.summaries(arrays, computed, time.perf_counter() - t0)
+
+    def todo(self, arrays: list[FeatureArray], units: list[int] | None = None) -> dict[str, list[int]]:
+        """The units each array lacks among this share's units (or among `units`), read from the completion record
+        now: a retried distributed task skips what an earlier attempt finished."""
+        todo = {}
+        for fa in arrays:
+            done = fa.done_mask()
+            mine = shard_chunks(fa.nchunks, *self.share) if units is None else units
+            todo[fa.path] = [int(c) for c in mine if not done[c]]
+        return todo
+
+    def fill(self, arrays: list[FeatureArray], todo: dict[str, list[int]], dev: torch.device) -> dict[str, int]:
+        """Compute and write the `todo` units (after removing stray temp files of exactly those units); returns the
+        rows computed per array."""
+        for fa in arrays:
+            if todo[fa.path]:
+                removed = fa.clean_partials(todo[fa.path])
+                if removed:
+                    log.info("%s: removed %d stray temporary files from an interrupted run", fa.path, removed)
+        return self._compute(arrays, todo, dev) if any(todo.values()) else {}
+
+    def summaries(self, arrays: list[FeatureArray], computed: dict[str, int], seconds: float) -> list[SplitSummary]:
+        out = []
+        for fa in arrays:
+            mask = fa.done_mask()
+            n_computed = computed.get(fa.path, 0)
+            out.append(SplitSummary(
+                path=fa.path, n=len(self.paths), shape=fa.shape, dtype=self.cfg.dtype, computed=n_computed,
+                skipped=len(self.paths) - n_computed, done_chunks=int(mask.sum()), total_chunks=fa.nchunks,
+                bytes_on_disk=fa.nbytes_stored(), seconds=seconds,
+            ))
+        return out
+
+    def _check_space(self, arrays: list[FeatureArray], todo: dict[str, list[int]]) -> None:
+        """Warn (one line) when the units left will not fit on the disk, estimated from the measured ratio."""
+        root = self.fs.local_root
+        if root is None:
+            return
+        need = 0
+        for fa in arrays:
+            rows = sum(b - a for a, b in (fa.chunk_range(c) for c in todo[fa.path]))
+            raw = rows * int(np.prod(fa.shape[1:])) * fa.dtype.itemsize
+            s = fa.summary()
+            ratio = s["ratio"] if s["done"] and s["ratio"] == s["ratio"] else 1.0
+            need += int(raw / ratio)
+        free = shutil.disk_usage(root).free
+        if need > free:
+            log.warning("%s: the chunks left need ~%.2f GB but only %.2f GB are free on that disk; the run will "
+                        "stop when it is full (finished chunks are kept)", root, need / 1e9, free / 1e9)
+
+    def _compute(self, arrays: list[FeatureArray], todo: dict[str, list[int]], dev: torch.device) -> dict[str, int]:
+        cfg, bb, paths = self.cfg, self.bb, self.paths
+        need = {fa.path: np.zeros(len(paths), dtype=bool) for fa in arrays}
+        for fa in arrays:
+            for c in todo[fa.path]:
+                need[fa.path][slice(*fa.chunk_range(c))] = True
+        wanted = np.logical_or.reduce(list(need.values()))
+        indices = [int(i) for i in np.flatnonzero(wanted)]
+        loader = DataLoader(
+            ImageFiles(paths, indices, bb.preprocess, self.input_hw),
+            batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=_collate,
+            pin_memory=dev.type == "cuda", prefetch_factor=2 if cfg.num_workers > 0 else None,
+            worker_init_fn=_quiet_worker if cfg.num_workers > 0 else None,
+        )
+        tdtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+        assemblers = {fa.path: ChunkAssembler(fa, todo[fa.path]) for fa in arrays}
+        features = {fa.path: fa.feature for fa in arrays}
+        total_rows = int(sum(n.sum() for n in need.values()))
+        single = len(arrays) == 1
+        desc = arrays[0].path if single else f"{self.subj}/{self.split}: {len(arrays)} arrays"
+        bar = tqdm(total=total_rows, desc=desc, unit="img" if single else "row", disable=not cfg.progress,
+                   smoothing=0.1)
+        writer = BackgroundWriter(cfg.durable, cfg.queue_mb << 20, on_written=bar.update)
+        computed = dict.fromkeys(need, 0)
+        try:
+            for idx, x, errors in loader:
+                if errors:
+                    raise CorruptImageError(errors[0])
+                idx_arr = np.asarray(idx)
+                with torch.inference_mode():
+                    ys = bb.forward_features(x.to(dev, non_blocking=True))
+                    for fa in arrays:
+                        sel = need[fa.path][idx_arr]
+                        if not sel.any():
+                            continue
+                        y = ys[features[fa.path]]
+                        if not sel.all():
+                            y = y[torch.from_numpy(sel).to(y.device)]
+                        y = y.to(tdtype)  # convert on the device, before the host copy
+                        if tdtype == torch.float16 and _has_inf(y):
+                            bad = int(torch.isinf(y).flatten(1).any(1).nonzero()[0])
+                            raise Float16OverflowError(
+                                f"{paths[idx_arr[sel][bad]]}: a feature value of {fa.feature} exceeds the float16 "
+                                "range (65504); rerun with --dtype float32 (and --overwrite)"
+                            )
+                        rows = y.cpu().numpy()
+                        for first, data in assemblers[fa.path].add(rows):
+                            writer.put(fa, first, data)
+                        computed[fa.path] += len(rows)
+        except KeyboardInterrupt as e:
+            writer.close()  # the rows already computed are written: nothing finished is lost
+            bar.close()
+            code = 143 if isinstance(e, Terminated) else 130
+            state = ", ".join(f"{int(fa.done_mask().sum())}/{fa.nchunks} chunks of {fa.path}" for fa in arrays)
+            raise Interrupted(f"interrupted: {state} are done; rerun the same command to resume",
+                              exit_code=code) from None
+        except BaseException:
+            writer.close()
+            bar.close()
+            writer.check()
+            raise
+        writer.close()
+        bar.close()
+        writer.check()
+        return computed
 
 
 def _has_inf(y: torch.Tensor) -> bool:
@@ -381,54 +610,4 @@ def _has_inf(y: torch.Tensor) -> bool:
     return not bool(torch.isfinite(lo) & torch.isfinite(hi)) and bool(torch.isinf(y).any())
 
 
-def _run(fa, bb, paths, indices, todo, input_hw, dev, batch_size, dtype, num_workers, durable, progress) -> int:
-    loader = DataLoader(
-        ImageFiles(paths, indices, bb.preprocess, input_hw),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=dev.type == "cuda",
-        prefetch_factor=2 if num_workers > 0 else None,
-    )
-    tdtype = torch.float16 if dtype == "float16" else torch.float32
-    assembler = ChunkAssembler(fa, todo)
-    writer = BackgroundWriter(fa, durable)
-    bar = tqdm(total=len(indices), desc=fa.path, unit="img", disable=not progress, smoothing=0.1)
-    computed = 0
-    try:
-        for idx, x, errors in loader:
-            if errors:
-                raise CorruptImageError(errors[0])
-            with torch.inference_mode():
-                y = bb(x.to(dev, non_blocking=True)).to(tdtype)  # convert on the device, before the host copy
-                if tdtype == torch.float16 and _has_inf(y):
-                    bad = int(torch.isinf(y).flatten(1).any(1).nonzero()[0])
-                    raise Float16OverflowError(
-                        f"{paths[idx[bad]]}: a feature value exceeds the float16 range (65504); "
-                        "rerun with --dtype float32 (and --overwrite)"
-                    )
-                rows = y.cpu().numpy()
-            for first, data in assembler.add(rows):
-                writer.put(first, data)
-            computed += len(idx)
-            bar.update(len(idx))
-    except KeyboardInterrupt as e:
-        writer.close()  # the rows already computed are written: nothing finished is lost
-        code = 143 if isinstance(e, Terminated) else 130
-        mask = fa.done_mask()
-        raise Interrupted(
-            f"interrupted: {int(mask.sum())}/{fa.nchunks} chunks of {fa.path} are done; "
-            "rerun the same command to resume",
-            exit_code=code,
-        ) from None
-    except BaseException:
-        writer.close()
-        writer.check()
-        raise
-    finally:
-        bar.close()
-    writer.close()
-    writer.check()
-    return computed
-
+__all__ = ["ExtractConfig", "ExtractResult", "PlannedArray", "SplitSummary", "extract", "is_url"]

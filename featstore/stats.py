@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -41,7 +44,7 @@ import dask.array as da
 import numpy as np
 from dask.callbacks import Callback
 
-from .errors import BadArgumentError, FeatstoreError, NotFoundInStoreError, StoreError
+from .errors import BadArgumentError, CorruptChunkError, FeatstoreError, NotFoundInStoreError, StoreError
 from .store import FeatureArray, FeatureStore
 
 TASK_MB = 100  # decoded bytes per dask task (whole storage chunks along the image axis)
@@ -163,7 +166,20 @@ def _kernels():
         out -= mean
         return out
 
-    return block_stats, merge, centre
+    def read_rows(z, index, unit, tag):
+        """dask's getter: the rows of one task, one storage unit per zarr read, so a unit that fails to decode is
+        named (ValueError starting with `tag` + its index) and no sibling reads are left pending inside zarr."""
+        rows, rest = index[0], tuple(index[1:])
+        start, stop = rows.start or 0, z.shape[0] if rows.stop is None else rows.stop
+        parts = []
+        for u0 in range(start - start % unit, stop, unit):
+            try:
+                parts.append(z[(slice(max(start, u0), min(stop, u0 + unit)), *rest)])
+            except (ValueError, RuntimeError) as e:  # codec errors: checksum mismatch, undecodable bytes
+                raise ValueError(f"{tag}{u0 // unit}: {e}") from None
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    return block_stats, merge, centre, read_rows
 
 
 # ---- the pass ---------------------------------------------------------------------------------------------------
@@ -192,8 +208,11 @@ def _scheduler(scheduler: str | None, workers: int | None):
     if workers is not None:
         if workers < 1:
             raise BadArgumentError(f"--workers {workers}: need at least 1")
-        with distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        with tempfile.TemporaryDirectory(prefix="featstore-dask-") as scratch, dask.config.set(
+            {"temporary-directory": scratch}  # removed afterwards (dask leaves an empty dask-scratch-space behind)
+        ), distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=logging.CRITICAL,  # a failing task reaches the caller as its exception: one line
         ) as cluster, distributed.Client(cluster) as client:
             yield client
         return
@@ -219,9 +238,9 @@ class _TaskProgress(Callback):
 
 def _one_pass(x: da.Array, cls_index: int, shift_patch, shift_cls, hist_every: int, client, progress: bool, desc: str):
     """The single pass: per-block partials, an 8-ary tree merge, and the per-block norms, computed together."""
-    from tqdm.auto import tqdm
+    from ._progress import tqdm
 
-    block_stats, merge, _ = _kernels()
+    block_stats, merge, _, _ = _kernels()
     prefix = f"featstats-{uuid.uuid4().hex[:8]}-block-"
     sp, sc = dask.delayed(shift_patch), dask.delayed(shift_cls)
     starts = np.cumsum((0,) + x.chunks[0][:-1])
@@ -326,7 +345,7 @@ def _pca(fa: FeatureArray, k: int, mean: np.ndarray, total_var: float, task_mb: 
     """Top-k principal axes of the centred patch tokens; explained variance with the population convention (/M)."""
     N, T, C = fa.shape
     ci = fa.cls_index
-    x = da.from_zarr(fa.zarr, chunks=(_task_rows(fa, 8, task_mb), T, C))
+    x = _dask_array(fa, _task_rows(fa, 8, task_mb))
     if ci == 0:
         p = x[:, 1:, :]
     elif ci == T - 1:
@@ -334,7 +353,7 @@ def _pca(fa: FeatureArray, k: int, mean: np.ndarray, total_var: float, task_mb: 
     else:
         p = da.concatenate([x[:, :ci], x[:, ci + 1 :]], axis=1).rechunk({1: -1})
     m = p.reshape(N * (T - 1), C)
-    _, _, centre = _kernels()
+    _, _, centre, _ = _kernels()
     xc = m.map_blocks(centre, mean=mean, dtype=np.float64)
     _, s, v = da.linalg.svd_compressed(
         xc, k, n_power_iter=power_iter, n_oversamples=PCA_OVERSAMPLES, seed=0, compute=True
@@ -348,6 +367,34 @@ def _pca(fa: FeatureArray, k: int, mean: np.ndarray, total_var: float, task_mb: 
         "singular_values": np.asarray(s, dtype=np.float64),
         "n_power_iter": power_iter,
     }
+
+
+_CORRUPT_TAG = "featstore-corrupt-unit "
+
+
+def _dask_array(fa: FeatureArray, rows: int) -> da.Array:
+    """The stored array as dask blocks of `rows` (whole storage units), read by `read_rows` (zarr + numpy only)."""
+    read_rows = functools.partial(_kernels()[3], unit=fa.chunk_len, tag=_CORRUPT_TAG)
+    name = f"featstore-read-{fa.path.replace('/', '-')}-{fa.uid or 'v0'}-{rows}"
+    return da.from_array(fa.zarr, chunks=(rows, *fa.shape[1:]), name=name, getitem=read_rows, asarray=False)
+
+
+@contextlib.contextmanager
+def _corrupt_chunks_named(fa: FeatureArray):
+    """A unit that failed to decode inside a dask task becomes the store's one-line CorruptChunkError: re-reading
+    that one unit here raises it with the array, the chunk and the repair command."""
+    try:
+        yield
+    except ValueError as e:
+        text = str(e)
+        if not text.startswith(_CORRUPT_TAG):
+            raise
+        unit = int(text[len(_CORRUPT_TAG):].split(":", 1)[0])
+        fa.read(*fa.chunk_range(unit))  # raises CorruptChunkError
+        raise CorruptChunkError(  # the unit read back fine here (a transient fault): still one line
+            f"{fa.path}: chunk {unit} failed to decode ({text.split(': ', 1)[-1].splitlines()[0]}); "
+            f"run `featstore verify {fa.store.location}`"
+        ) from None
 
 
 def _open(store) -> FeatureStore:
@@ -390,6 +437,7 @@ def feature_stats(
     if hist_every < 1:
         raise BadArgumentError(f"hist_every {hist_every}: must be at least 1")
     fa.require_complete("computing statistics")
+    target = _open_for_saving(fs, fa) if save else None
     ci = fa.cls_index
     patch = np.array([t for t in range(T) if t != ci])
     grid = fa.grid
@@ -400,8 +448,8 @@ def feature_stats(
     shift_cls = np.nan_to_num(first[ci], nan=0.0, posinf=0.0, neginf=0.0)
 
     rows = _task_rows(fa, fa.dtype.itemsize, task_mb)
-    x = da.from_zarr(fa.zarr, chunks=(rows, T, C))
-    with _scheduler(scheduler, workers) as client:
+    x = _dask_array(fa, rows)
+    with _scheduler(scheduler, workers) as client, _corrupt_chunks_named(fa):
         t1 = time.perf_counter()
         total, norms = _one_pass(x, ci, shift_patch, shift_cls, hist_every, client, progress, f"stats {fa.path}")
         pass_s = time.perf_counter() - t1
@@ -426,7 +474,7 @@ def feature_stats(
         "task_rows": rows,
         "decoded_bytes": int(N * T * C * fa.dtype.itemsize),
     }
-    result["saved_to"] = _save(fs, fa, result) if save else None
+    result["saved_to"] = _save(*target, result) if target else None
     return result
 
 
@@ -437,13 +485,24 @@ _PCA_FIELDS = ("components", "explained_variance", "explained_variance_ratio", "
 _HIST_SCALARS = ("below", "above", "nan", "every", "images")
 
 
+_NO_SAVE_HINT = "rerun with --no_save (save=False) to compute them without saving"
+
+
+def _open_for_saving(fs: FeatureStore, fa: FeatureArray) -> tuple[FeatureStore, FeatureArray]:
+    """The store opened for writing the results, checked before the pass: a read-only store fails at once."""
+    if fs.local_root is not None and not os.access(fs.local_root, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot save the statistics: the store {fs.location} is not writable; {_NO_SAVE_HINT}")
+    if not fs.read_only:
+        return fs, fa
+    try:
+        wfs = fs.reopen("a")
+    except FeatstoreError as e:
+        reason = str(e).split(": ", 1)[-1] if str(e).startswith("--") else str(e)  # not the extract's flag name
+        raise StoreError(f"cannot save the statistics into the store {fs.location} ({reason}); {_NO_SAVE_HINT}") from None
+    return wfs, wfs.get(fa.feature, fa.subj, fa.split)
+
+
 def _save(fs: FeatureStore, fa: FeatureArray, r: dict[str, Any]) -> str:
-    if fs.read_only:
-        try:
-            fs = FeatureStore(fs.local_root if fs.local_root is not None else fs.zstore, mode="a")
-        except FeatstoreError as e:
-            raise StoreError(f"cannot save the statistics into {fs.location} ({e}); use --no-save") from None
-        fa = fs.get(*fa.path.split("/"))
     arrays: dict[str, np.ndarray] = {f"{p}_{f}": r[p][f] for p in _PARTS for f in _FIELDS}
     arrays.update(
         token_norm=r["token_norm"],
@@ -467,7 +526,10 @@ def _save(fs: FeatureStore, fa: FeatureArray, r: dict[str, Any]) -> str:
         "pca": {"k": len(r["pca"]["singular_values"]), "n_power_iter": r["pca"]["n_power_iter"]} if "pca" in r else None,
         "timing": r["timing"],
     }
-    fs.save_stats(fa, arrays, attrs)
+    try:
+        fs.save_stats(fa, arrays, attrs)
+    except OSError as e:
+        raise StoreError(f"cannot save the statistics into the store {fs.location} ({e}); {_NO_SAVE_HINT}") from None
     return f"{fs.location}/{fa.path}_stats"
 
 

@@ -1,6 +1,11 @@
-"""Presenting `feature_stats` results: a short terminal table and one matplotlib figure (imported lazily)."""
+"""Presenting a store and its statistics: the `featstore info` table, the `feature_stats` table, and figures
+(the statistics; a stimulus next to its token-norm map and a PCA-to-RGB image of its patch tokens).
+
+matplotlib is imported lazily and only through its object API (no pyplot, no global backend switch).
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -8,10 +13,51 @@ import numpy as np
 
 from .errors import BadArgumentError
 
+CONSTANT_ULPS = 4  # a channel whose std is below 4 units in the last place of its largest |value| is constant
 
-# ---- presentation ---------------------------------------------------------------------------------------------------
+
+# ---- the store --------------------------------------------------------------------------------------------------------
+def format_info(store) -> str:
+    """The `featstore info` table: one row per array with shape, dtype, chunks, bytes on disk, compression ratios,
+    completion and weights. The ratios count the done chunks only, so an incomplete array is not flattered;
+    they show "-" while no chunk is done."""
+    from .store import FeatureStore
+
+    fs = store if isinstance(store, FeatureStore) else FeatureStore(store, mode="r")
+    rows = [("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")]
+    for fa in fs.arrays():
+        a = fa.summary()
+        w = a["weights"]
+        wdesc = w.get("kind", "?") + (f" seed={w['seed']}" if w.get("kind") == "random" else f" {w.get('name', '')}")
+        rows.append((
+            fa.path, "x".join(map(str, a["shape"])), a["dtype"], "x".join(map(str, a["chunks"])),
+            f"{a['bytes_on_disk'] / 1e6:.1f} MB", _ratio(a["ratio"]), _ratio(a["ratio_vs_float32"]),
+            f"{a['done']}/{a['total']}", wdesc.strip(),
+        ))
+    if len(rows) == 1:
+        return f"{fs.location}: no arrays"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    head = f"{fs.location}  (ratio = raw bytes / bytes on disk, over the done chunks only)"
+    return head + "\n" + "\n".join(lines)
+
+
+def _ratio(v: float) -> str:
+    return "-" if not np.isfinite(v) else f"{v:.2f}x"
+
+
+# ---- statistics -------------------------------------------------------------------------------------------------------
 def _g(v: float) -> str:
     return f"{v:.4g}"
+
+
+def constant_channels(part: dict[str, Any], dtype: str) -> np.ndarray:
+    """Boolean per channel: its std is below `CONSTANT_ULPS` units in the last place of the stored dtype at the
+    channel's largest |value|, i.e. the channel is constant at stored precision (e.g. the CLS token over a few
+    images). |mean|/std means nothing there, so the table lists such channels apart instead of ranking them."""
+    eps = float(np.finfo(np.dtype(dtype)).eps) if np.dtype(dtype).kind == "f" else 0.0
+    scale = np.maximum(np.abs(np.asarray(part["min"], np.float64)), np.abs(np.asarray(part["max"], np.float64)))
+    return np.asarray(part["std"], np.float64) <= CONSTANT_ULPS * eps * scale
 
 
 def format_stats(r: dict[str, Any]) -> str:
@@ -29,11 +75,19 @@ def format_stats(r: dict[str, Any]) -> str:
     rows.append(("std (min/median/max)", *[f"{_g(c['std'].min())} / {_g(np.median(c['std']))} / {_g(c['std'].max())}" for c in cols]))
     rows.append(("min / max", *[f"{_g(c['min'].min())} / {_g(c['max'].max())}" for c in cols]))
 
-    def top(c):
-        score = np.abs(c["mean"]) / np.where(c["std"] > 0, c["std"], np.inf)
-        return ", ".join(f"{i}:{score[i]:.2g}" for i in np.argsort(-score)[:5])
+    const = [constant_channels(c, r["dtype"]) for c in cols]
 
-    rows.append(("top-5 |mean|/std (ch:val)", *[top(c) for c in cols]))
+    def top(c, skip):
+        score = np.abs(c["mean"]) / np.where(c["std"] > 0, c["std"], np.inf)
+        order = [i for i in np.argsort(-score) if not skip[i]][:5]
+        return ", ".join(f"{i}:{score[i]:.2g}" for i in order) or "-"
+
+    def listed(skip):
+        ix = np.flatnonzero(skip)
+        return f"{ix.size}" + (f" ({', '.join(map(str, ix[:6]))}{', ...' if ix.size > 6 else ''})" if ix.size else "")
+
+    rows.append(("top-5 |mean|/std (ch:val)", *[top(c, k) for c, k in zip(cols, const)]))
+    rows.append((f"constant (std < {CONSTANT_ULPS} ulp)", *[listed(k) for k in const]))
     w = [max(len(row[i]) for row in rows) for i in range(3)]
     lines += ["  " + "  ".join(s.ljust(w[i]) for i, s in enumerate(row)).rstrip() for row in rows]
     tn = np.asarray(r["token_norm"])
@@ -63,22 +117,39 @@ def format_stats(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def require_plotting() -> None:
-    """BadArgumentError unless matplotlib can be imported."""
+def require_plotting(path: str | Path | None = None) -> Path | None:
+    """BadArgumentError unless matplotlib can be imported and can write `path`'s format; returns the file name
+    that will be written (`.png` added to a name without an extension, as matplotlib itself does)."""
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise BadArgumentError("--plot needs matplotlib, which is not installed: pip install 'featstore[plot]'") from None
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise BadArgumentError(f"--plot {path}: matplotlib cannot write {path.suffix} files; use one of "
+                               f"{', '.join('.' + f for f in sorted(formats))}")
+    if path.is_dir():
+        raise BadArgumentError(f"--plot {path}: is a folder; give a file name such as {path / 'stats.png'}")
+    probe = path.parent.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise BadArgumentError(f"--plot {path}: cannot write there ({probe} is not a writable folder)")
+    return path
 
 
 def plot_stats(r: dict[str, Any], path: str | Path) -> Path:
     """One figure: channel means/stds, the token-norm map, the histogram, and the PCA spectrum when computed.
-    Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend switch."""
-    require_plotting()
+    Returns the file written (`.png` is added to a name without an extension)."""
+    path = require_plotting(path)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = Path(path)
     fig = Figure(figsize=(12, 9), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2).ravel()
@@ -120,6 +191,64 @@ def plot_stats(r: dict[str, Any], path: str | Path) -> Path:
         im = ax.imshow(ps if ps.ndim == 2 else ps[None, :], cmap="magma")
         fig.colorbar(im, ax=ax, shrink=0.8)
         ax.set(title=f"share of images with an outlier token here (norm > {_g(r['outliers']['threshold'])})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise BadArgumentError(f"--plot {path}: cannot write it ({e.strerror or e})") from None
     return path
+
+
+# ---- one image's tokens -------------------------------------------------------------------------------------------
+def token_norm_map(features) -> np.ndarray:
+    """(C, H, W) patch features (a `FeatureDataset` item) -> (H, W) L2 norm of each token."""
+    x = np.asarray(features, dtype=np.float64)
+    return np.sqrt(np.einsum("chw,chw->hw", x, x))
+
+
+def pca_rgb(features, stats: dict[str, Any], robust: float = 1.0) -> np.ndarray:
+    """(C, H, W) patch features -> (H, W, 3) image in [0, 1]: the tokens projected on the top-3 principal axes of
+    the array's patch tokens (`feature_stats(..., pca=3)` or more), each scaled to its [robust, 100 - robust]
+    percentiles within the image. Tokens of similar content get similar colours (the DINOv2 paper's picture)."""
+    if "pca" not in stats or len(stats["pca"]["components"]) < 3:
+        raise BadArgumentError("pca_rgb needs statistics with at least 3 principal components: feature_stats(..., pca=3)")
+    x = np.asarray(features, dtype=np.float64)
+    C, H, W = x.shape
+    proj = (x.reshape(C, H * W).T - stats["patch"]["mean"]) @ np.asarray(stats["pca"]["components"][:3]).T
+    lo, hi = np.percentile(proj, [robust, 100.0 - robust], axis=0)
+    rgb = (proj - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return np.clip(rgb, 0.0, 1.0).reshape(H, W, 3)
+
+
+def plot_token_maps(image, features, stats: dict[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """One row: the stimulus (a file name or an (h, w[, 3]) array), the token-norm map and the PCA-to-RGB image of
+    its patch tokens (`features`: the (C, H, W) `FeatureDataset` item of that stimulus). Returns the file written."""
+    path = require_plotting(path)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            image = np.asarray(im.convert("RGB"))
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    if title:
+        fig.suptitle(title)
+    axes[0].imshow(np.asarray(image))
+    axes[0].set(title="stimulus")
+    norms = token_norm_map(features)
+    im = axes[1].imshow(norms, cmap="viridis")
+    fig.colorbar(im, ax=axes[1], shrink=0.8)
+    axes[1].set(title=f"token L2 norm ({norms.shape[0]}x{norms.shape[1]} patches)")
+    axes[2].imshow(pca_rgb(features, stats), interpolation="nearest")
+    axes[2].set(title="patch tokens: top-3 PCA as RGB")
+    for ax in axes:
+        ax.set(xticks=[], yticks=[])
+    return _save_figure(fig, path)

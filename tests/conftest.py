@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from s3server import s3_bucket, s3_url  # noqa: F401
 
 from featstore.sample import make_sample_subject
 

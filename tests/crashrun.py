@@ -15,10 +15,9 @@ import os
 import signal
 import sys
 
-import zarr.storage._local as local
-
+import featstore._chunkio as local
 from featstore import extract, get_backbone
-from featstore.store import FeatureArray, FeatureStore
+from featstore.store import FeatureArray
 
 data_dir, store, point, k = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 chunk = int(sys.argv[5]) if len(sys.argv) > 5 else 1
@@ -39,13 +38,13 @@ def hit() -> bool:
 bb = get_backbone("dinov2_q", arch="tiny", weights="random", seed=0)
 
 if point == "forward":
-    orig_fwd = bb.forward
-    bb.forward = lambda x: die() if hit() else orig_fwd(x)
+    orig_fwd = bb.forward_features
+    bb.forward_features = lambda x: die() if hit() else orig_fwd(x)
 elif point == "before_write":
     orig_write = FeatureArray.write_chunks
     FeatureArray.write_chunks = lambda self, *a, **kw: die() if hit() else orig_write(self, *a, **kw)
 elif point == "mid_write":
-    orig_put = local._put
+    orig_put = local._zarr_put
 
     def put(path, value, exclusive=False):
         if "/c/" in str(path) and hit():
@@ -58,20 +57,20 @@ elif point == "mid_write":
             die()
         return orig_put(path, value, exclusive)
 
-    local._put = put
+    local._zarr_put = put
 elif point in ("after_write", "before_mark"):
-    orig_fsync = FeatureStore._fsync_keys
+    orig_fsync = local.fsync_all
 
-    def fsync(self, keys, files=True):
+    def fsync(paths, files=True):
         if point == "after_write" and hit():
             die()
-        orig_fsync(self, keys, files)
+        orig_fsync(paths, files)
         if point == "before_mark" and hit():
             die()
 
-    FeatureStore._fsync_keys = fsync
+    local.fsync_all = fsync
 elif point == "mid_mark":
-    orig_put = local._put
+    orig_put = local._zarr_put
 
     def put(path, value, exclusive=False):
         r = orig_put(path, value, exclusive)
@@ -79,7 +78,7 @@ elif point == "mid_mark":
             die()
         return r
 
-    local._put = put
+    local._zarr_put = put
 else:
     raise SystemExit(f"unknown point {point}")
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from featstore.backbones import get_backbone, list_backbones
+from featstore.backbones import feature_name, get_backbone, list_backbones
 from featstore.backbones.base import sha256_file, url_reachable
 from featstore.backbones.clip import clip_preprocess
 from featstore.backbones.dinov2 import interpolate_pos_encoding
@@ -172,23 +172,26 @@ def test_dinov2_is_the_normed_block_output(layer):
 
 def test_dinov2_matches_timm_at_the_native_grid():
     """At 518 px (the 37x37 grid the position embedding was trained on) no interpolation happens at all, so our
-    piecewise forward must equal timm's own forward_features / forward_intermediates, and the qkv hook of the
-    full model."""
+    block loop must give exactly timm's own forward_features / forward_intermediates, and the qkv hook of the full
+    model: the hand-written path differs from timm's public one only in the position embedding."""
     x = _images((518, 518), n=1)
-    bb = get_backbone("dinov2", arch="tiny", weights="random")
-    torch.testing.assert_close(bb(x), bb.module.forward_features(x), atol=1e-5, rtol=1e-5)
-    mid = get_backbone("dinov2", arch="tiny", weights="random", layer=1)
-    out = mid.module.forward_intermediates(
-        x, indices=[1], norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+    bb = get_backbone("dinov2,dinov2_q", arch="tiny", weights="random", layer="all")
+    m = bb.module
+    got = bb.forward_features(x)
+    assert torch.equal(got["dinov2_last"], m.forward_features(x))
+    out = m.forward_intermediates(
+        x, indices=bb.layers, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
     )
-    (patches, prefix), = out
-    torch.testing.assert_close(mid(x), torch.cat([prefix, patches], 1), atol=1e-5, rtol=1e-5)
-    q = get_backbone("dinov2_q", arch="tiny", weights="random")
+    for k, (patches, prefix) in zip(bb.layers, out):
+        assert torch.equal(got[feature_name("dinov2", k, bb.num_layers)], torch.cat([prefix, patches], 1))
     seen = {}
-    h = q.module.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, o: seen.__setitem__("qkv", o))
-    q.module.forward_features(x)
-    h.remove()
-    torch.testing.assert_close(q(x), seen["qkv"][..., : q.module.embed_dim], atol=1e-5, rtol=1e-5)
+    hooks = [blk.attn.qkv.register_forward_hook(lambda mod, i, o, k=k: seen.__setitem__(k, o))
+             for k, blk in enumerate(m.blocks)]
+    m.forward_features(x)
+    for h in hooks:
+        h.remove()
+    for k in bb.layers:
+        assert torch.equal(got[feature_name("dinov2_q", k, bb.num_layers)], seen[k][..., : m.embed_dim])
 
 
 def _reference_interpolate_pos_encoding(pos_embed, x, w, h, patch_size=14, interpolate_offset=0.1,
@@ -284,16 +287,26 @@ def test_dinov2_preprocess_pads_to_patches():
 # ---------------------------------------------------------------- CLIP numerics
 
 
+def _clip_reference(v, x, layer):
+    """The CLIP tokens written out from the vision tower's parts (what featstore computed by hand before it used
+    open_clip's forward_intermediates): embeddings, resblocks[:layer + 1], ln_post, proj."""
+    t = v.conv1(x).flatten(2).transpose(1, 2)
+    t = torch.cat([v.class_embedding.expand(t.shape[0], 1, -1), t], dim=1) + v.positional_embedding
+    t = v.ln_pre(t)
+    assert v.transformer.batch_first
+    for blk in v.transformer.resblocks[: layer + 1]:
+        t = blk(t)
+    return v.ln_post(t) @ v.proj
+
+
 @pytest.mark.parametrize("layer", [0, -1])
 def test_clip_tokens_are_projected_ln_post_tokens(layer):
     bb = get_backbone("clip", arch="tiny", weights="random", layer=layer)
     v = bb.module
     x = _images((224, 224))
     y = bb(x)
-    out = v.forward_intermediates(x, indices=[bb.layer], stop_early=True, normalize_intermediates=True,
-                                  output_fmt="NLC", output_extra_tokens=True, intermediates_only=True)
-    tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], 1)
-    torch.testing.assert_close(y, tokens @ v.proj, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(y, _clip_reference(v, x, bb.layer))
     if bb.layer == bb.num_layers - 1:  # CLS is the pooled, projected image embedding
         torch.testing.assert_close(y[:, 0], v(x), atol=1e-5, rtol=1e-5)
 

@@ -1,6 +1,7 @@
 """FeatureDataset and train_val_split on real Zarr stores on disk, read through a real torch DataLoader."""
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import TINY
 from torch.utils.data import DataLoader
 
-from featstore import FeatureDataset, FeatureStore, export_npy, train_val_split
+from featstore import FeatureDataset, FeatureStore, export_npy, extract, make_sample_subject, train_val_split
 from featstore.errors import BadArgumentError, IncompleteArrayError, LayoutError, NotFoundInStoreError, StoreError
 
 DINO = ("dinov2_q_last", (31, 31), 8)  # feature, real grid, small C
@@ -56,7 +58,17 @@ def legacy_item(x: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
     return torch.reshape(img[1:, :], (*grid, img.shape[1])).permute(2, 0, 1)
 
 
+def write_images(subject: Path, image_names: list[str], split: str = "train") -> None:
+    """The split's image folder with these names (empty files: the Dataset compares names only)."""
+    d = subject / ("training_split/training_images" if split == "train" else "test_split/test_images")
+    d.mkdir(parents=True, exist_ok=True)
+    for name in image_names:
+        (d / name).touch()
+
+
 def write_fmri(subject: Path, n: int, vertices=(7, 5), rows: int | None = None) -> dict[str, np.ndarray]:
+    """A subject folder for a store of n train images names(n): the image names and fMRI of (rows or n) rows."""
+    write_images(subject, names(n))
     d = subject / "training_split" / "training_fmri"
     d.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -115,7 +127,7 @@ def test_indices_select_and_order_samples(store):
 def test_fast_local_read_equals_zarr_read_and_checks_the_checksum(store, tmp_path):
     """FeatureArray.read_sample decodes the chunk file itself; it must equal zarr's own read, partial chunk too."""
     fa = FeatureStore(store["root"]).get(DINO[0], "01", "train")
-    assert fa._sync_decoder is not None
+    assert fa._steps is not None  # the local fast path is in use
     for j in range(store["n"]):
         np.testing.assert_array_equal(fa.read_sample(j), fa.zarr[j])
     # a flipped byte in a chunk file is caught by the crc32c codec, as zarr's path would
@@ -127,7 +139,7 @@ def test_fast_local_read_equals_zarr_read_and_checks_the_checksum(store, tmp_pat
     chunk_file.write_bytes(bytes(raw))
     ds = FeatureDataset(tmp_path / "st")
     ds[0]
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(ValueError, match="chunk 1 is corrupt.*checksum"):
         ds[1]
 
 
@@ -155,8 +167,84 @@ def test_missing_fmri_file_names_the_file(store, tmp_path):
     (tmp_path / "subj01" / "training_split" / "training_fmri" / "rh_training_fmri.npy").unlink()
     with pytest.raises(LayoutError, match="rh_training_fmri.npy"):
         FeatureDataset(store["root"], data_dir=tmp_path / "subj01")
-    with pytest.raises(BadArgumentError, match="only for split 'train'"):
+
+
+def test_synt_and_test_with_data_dir_give_images_without_fmri(store, tmp_path):
+    write_fmri(tmp_path / "subj01", store["n"])
+    with pytest.raises(LayoutError, match=r"no test_split/test_images/ to match the images of dinov2_q_last/01/synt"):
         FeatureDataset(store["root"], split="synt", data_dir=tmp_path / "subj01")
+    write_images(tmp_path / "subj01", names(4, "t"), split="synt")
+    plain = FeatureDataset(store["root"], split="synt")
+    for split in ("synt", "test"):
+        ds = FeatureDataset(store["root"], split=split, data_dir=tmp_path / "subj01")
+        assert ds.split == "synt" and len(ds) == 4 and ds.n_vertices == {}
+        for i in range(len(ds)):
+            item = ds[i]
+            assert isinstance(item, torch.Tensor) and torch.equal(item, plain[i])
+        with pytest.raises(BadArgumentError, match="no fMRI targets"):
+            ds.targets(0)
+
+
+def test_split_test_is_the_synt_split(store):
+    legacy = np.load(store["npy"] / DINO[0] / "01" / "synt.npy")
+    ds = FeatureDataset(store["root"], split="test")
+    assert ds.split == "synt" and len(ds) == len(legacy) and "dinov2_q_last/01/synt" in repr(ds)
+    for i in range(len(ds)):
+        assert torch.equal(ds[i], legacy_item(legacy[i], DINO[1]))
+
+
+def test_data_dir_of_another_subject_is_refused_in_one_line(subject, tmp_path):
+    """Real stores and subjects: subj02 has as many images as subj01 (other NSD ids), and must not be paired."""
+    other = make_sample_subject(tmp_path / "other", subj="02", n_train=6, n_test=2, seed=0)
+    extract(subject, tmp_path / "st.zarr", backbone="dinov2_q", batch_size=8, durable=False, **TINY)
+    ds = FeatureDataset(tmp_path / "st.zarr", data_dir=subject)
+    assert ds.n_vertices == {"lh": 200, "rh": 180} and len(ds) == 6
+    for split in ("train", "test"):
+        with pytest.raises(BadArgumentError) as info:
+            FeatureDataset(tmp_path / "st.zarr", split=split, data_dir=other)
+        msg = str(info.value)
+        assert "\n" not in msg and "holds other images than dinov2_q_last/01/" in msg and "index 0 stored" in msg
+    os.rename(other / "training_split" / "training_images", tmp_path / "moved")
+    with pytest.raises(LayoutError, match="no training_split/training_images/"):
+        FeatureDataset(tmp_path / "st.zarr", data_dir=other)
+
+
+def test_targets_of_an_item_without_its_features(store, tmp_path):
+    fmri = write_fmri(tmp_path / "subj01", store["n"])
+    ds = FeatureDataset(store["root"], data_dir=tmp_path / "subj01", indices=[3, 5])
+    y = ds.targets(1)
+    assert torch.equal(y["rh_f"], torch.from_numpy(fmri["rh"][5])) and ds.n_vertices == {"lh": 7, "rh": 5}
+    assert torch.equal(ds[1][1]["lh_f"], y["lh_f"])
+
+
+def test_legacy_target_format_batches_like_the_older_training_code(store, tmp_path):
+    """The older code's loop, verbatim: default collate, then `targets = [dict(zip(targets, t)) for t in
+    zip(*targets.values())]` and `targets[0]["lh_f"]` as the (B, V) batch."""
+    fmri = write_fmri(tmp_path / "subj01", store["n"])
+    write_images(tmp_path / "subj01", names(4, "t"), split="synt")
+    ds = FeatureDataset(store["root"], data_dir=tmp_path / "subj01", target_format="legacy", indices=[6, 2, 4, 0])
+    img, y = ds[0]
+    assert torch.equal(img, FeatureDataset(store["root"])[6])
+    assert set(y) == {"lh_f", "rh_f"} and isinstance(y["lh_f"], list) and len(y["lh_f"]) == 1
+    assert isinstance(y["lh_f"][0], np.ndarray) and y["lh_f"][0].dtype == np.float32
+    np.testing.assert_array_equal(y["rh_f"][0], fmri["rh"][6])
+    seen = 0
+    for imgs, targets in DataLoader(ds, batch_size=3, num_workers=0):
+        assert isinstance(targets, dict) and isinstance(targets["lh_f"], list) and len(targets["lh_f"]) == 1
+        targets = [dict(zip(targets, t)) for t in zip(*targets.values())]
+        lh_f, rh_f = targets[0]["lh_f"], targets[0]["rh_f"]
+        b = imgs.shape[0]
+        assert imgs.shape == (b, DINO[2], 31, 31) and imgs.dtype == torch.float32
+        assert lh_f.shape == (b, 7) and rh_f.shape == (b, 5) and lh_f.dtype == torch.float32
+        rows = [6, 2, 4, 0][seen : seen + b]
+        np.testing.assert_array_equal(lh_f.numpy(), fmri["lh"][rows])
+        seen += b
+    assert seen == 4
+    test = FeatureDataset(store["root"], split="test", data_dir=tmp_path / "subj01", target_format="legacy")
+    batch = next(iter(DataLoader(test, batch_size=4)))
+    assert isinstance(batch, torch.Tensor) and batch.shape == (4, DINO[2], 31, 31)  # a bare img per test item
+    with pytest.raises(BadArgumentError, match="target_format='old'"):
+        FeatureDataset(store["root"], target_format="old")
 
 
 # ---- CLIP CLS channels --------------------------------------------------------------------------------------------
@@ -339,7 +427,7 @@ def test_construction_reads_metadata_only_whatever_n(tmp_path):
         # the other chunks: only their completion markers (empty files, layout in store.py's docstring); writing
         # 10,000 real chunks takes longer than this whole test file may, and construction must not read them anyway
         for i in range(n - 1):
-            (root / fa._done_prefix / str(i)).touch()
+            (root / fa.record.prefix / str(i)).touch()
         assert fa.is_complete()
         counting = CountingStore(zarr.storage.LocalStore(root, read_only=True))
         ds = FeatureDataset(FeatureStore(counting), feature="tiny")
@@ -386,6 +474,6 @@ def test_worker_refuses_an_array_rewritten_after_construction(tmp_path):
     fs = FeatureStore(tmp_path / "st", "a")
     fs.prepare(DINO[0], "01", "train", shape=(3, 962, DINO[2]), chunk=3, dtype="float16", overwrite=True,
                meta={"token_layout": {"cls_index": 0, "grid": list(DINO[1])}, "image_names": names(3)},
-               fingerprint={"test": DINO[0]})
+               fingerprint={"test": DINO[0], "changed": True})  # overwrite starts over only a changed configuration
     with pytest.raises(StoreError, match="rewritten after this FeatureDataset was built"):
         copy[0]

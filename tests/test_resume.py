@@ -68,6 +68,10 @@ CRASHES = [
 
 @pytest.mark.parametrize("point,k,chunk,expected_done", CRASHES, ids=[f"{c[0]}-{c[1]}-chunk{c[2]}" for c in CRASHES])
 def test_sigkill_then_resume_is_bit_identical(subj, reference, tmp_path, point, k, chunk, expected_done):
+    from featstore import _chunkio
+
+    if point in ("mid_write", "mid_mark") and not _chunkio.fast_enabled():
+        pytest.skip("the kill point patches the fast chunk path, which this zarr lacks")
     store = tmp_path / "s.zarr"
     r = subprocess.run([sys.executable, str(CRASHRUN), str(subj), str(store), point, str(k), str(chunk), "4"],
                        capture_output=True, text=True, timeout=300)

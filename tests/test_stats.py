@@ -2,14 +2,17 @@
 SVD, a memory-limited dask.distributed cluster, saved results, the CLI (table, plot, errors)."""
 from __future__ import annotations
 
+import re
 import sys
 
+import dask
 import numpy as np
 import pytest
 
 from featstore.cli import main
 from featstore.errors import BadArgumentError, IncompleteArrayError, NotFoundInStoreError
 from featstore.stats import feature_stats, load_feature_stats
+from featstore.stats_report import format_stats
 from featstore.store import FeatureStore
 
 RTOL = 1e-9  # the contract for float32 stores
@@ -181,7 +184,7 @@ def test_distributed_cluster_with_memory_limit_below_array_size(tmp_path):
     x += rng.standard_normal(C).astype(np.float32)
     assert x.nbytes > 180e6
     make_array(tmp_path / "s.zarr", "feat", x, grid=grid)
-    with distributed.LocalCluster(
+    with dask.config.set({"temporary-directory": str(tmp_path)}), distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, memory_limit="160MB", dashboard_address=None
     ) as cluster, distributed.Client(cluster) as client:
         pids = client.run(lambda: __import__("os").getpid())
@@ -269,3 +272,25 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["stats", str(tmp_path / "s.zarr"), "--feature", "feat", "--workers", "2", "--scheduler", "tcp://x:1"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_channel_table_lists_constant_channels_apart(tmp_path, dtype):
+    """A CLS token that is the same for every image (up to 1 ulp of jitter) has std ~0, so |mean|/std ~1e3..1e7
+    means nothing: such channels are listed as constant, not ranked. A massive-activation channel (large offset,
+    small but real spread) is still ranked first."""
+    rng = np.random.default_rng(9)
+    N, grid, C = 6, (3, 3), 8
+    x = (0.1 * rng.standard_normal((N, 10, C))).astype(dtype)
+    cls = np.full((N, C), 0.0278, dtype=dtype)
+    cls[::2] = np.nextafter(cls[::2], np.array(1, dtype=dtype))  # one ulp apart on every other image
+    x[:, 0] = cls
+    x[:, 1:, 5] = (50.0 + 2.0 * rng.standard_normal((N, 9))).astype(dtype)
+    make_array(tmp_path / "s.zarr", "feat", x, grid=grid)
+    r = feature_stats(tmp_path / "s.zarr", "feat", "01", "train", save=False)
+    rows = {re.split(r"\s{2,}", line.strip())[0]: re.split(r"\s{2,}", line.strip())[1:]
+            for line in format_stats(r).splitlines() if line.startswith("  ")}
+    patch_top, cls_top = rows["top-5 |mean|/std (ch:val)"]
+    patch_const, cls_const = rows["constant (std < 4 ulp)"]
+    assert patch_top.startswith("5:") and cls_top == "-"
+    assert patch_const == "0" and cls_const.startswith(f"{C} (0, 1, 2")

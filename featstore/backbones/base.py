@@ -1,108 +1,39 @@
-"""What every backbone shares: preprocessing as data, the layer resolver, the token layout, feature names."""
+"""What every built backbone shares: the outputs it yields, the forward verbs, provenance, and safe weights loading.
+
+Imported only when a backbone is built (it imports torch); the registry and Preprocess live in torch-free modules.
+"""
 from __future__ import annotations
 
 import hashlib
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import BadArgumentError, WeightsError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .registry import Output, backbone_config, feature_name, resolve_layer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Legacy feature names for the last layer; other layers are "{backbone}_layer{k}".
-LEGACY_LAST = {"dinov2_q": "dinov2_q_last", "dinov2": "dinov2_last", "clip": "clip_vit_512"}
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Image -> normalised float tensor [3, H, W]; stored in the array attributes so it can be rebuilt.
-
-    resize: square side to resize to (None keeps the image size, as the legacy DINOv2 pipeline does);
-    resize_mode "shortest" resizes the shorter side then center-crops to `crop` (CLIP);
-    pad_multiple: zero-pad bottom/right after normalisation to a multiple of this (DINOv2: 14).
-    """
-
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    resize: int | None = None
-    resize_mode: str = "squash"
-    crop: int | None = None
-    interpolation: str = "bicubic"
-    pad_multiple: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        d = dict(d)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return cls(**d)
-
-    def output_size(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """(H, W) of the tensor this produces for an image of size image_hw, without decoding it."""
-        h, w = image_hw
-        if self.resize is not None:
-            if self.resize_mode == "shortest":
-                s = self.resize / min(h, w)
-                h, w = round(h * s), round(w * s)
-            else:
-                h = w = self.resize
-        if self.crop is not None:
-            h, w = min(h, self.crop), min(w, self.crop)
-        if self.pad_multiple:
-            m = self.pad_multiple
-            h, w = math.ceil(h / m) * m, math.ceil(w / m) * m
-        return h, w
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as F
-
-        img = img.convert("RGB")
-        interp = InterpolationMode(self.interpolation)
-        if self.resize is not None:
-            size = self.resize if self.resize_mode == "shortest" else [self.resize, self.resize]
-            img = F.resize(img, size, interpolation=interp, antialias=True)
-        if self.crop is not None:
-            img = F.center_crop(img, [self.crop, self.crop])
-        # to_tensor + normalize + zero pad in numpy: the same float32 arithmetic as torchvision, without torch's
-        # per-op thread-pool overhead (6x slower for one image on 2 cores when run outside DataLoader workers).
-        a = np.asarray(img, dtype=np.float32) / np.float32(255)
-        a = (a - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        h, w = a.shape[:2]
-        m = self.pad_multiple or 1
-        out = np.zeros((3, h + (-h) % m, w + (-w) % m), dtype=np.float32)
-        out[:, :h, :w] = a.transpose(2, 0, 1)
-        return torch.from_numpy(out)
-
-
-def resolve_layer(layer: int, num_layers: int) -> int:
-    """The one place a layer index is interpreted: negative counts from the end, as timm does."""
-    k = layer + num_layers if layer < 0 else layer
-    if not 0 <= k < num_layers:
-        raise BadArgumentError(
-            f"--enc_layer {layer} is out of range for a backbone with {num_layers} blocks "
-            f"(use 0..{num_layers - 1} or -1..-{num_layers})"
-        )
-    return k
-
-
-def feature_name(backbone: str, layer: int, num_layers: int) -> str:
-    """Store/legacy feature folder name: the legacy name for the last layer, else {backbone}_layer{k}."""
-    k = resolve_layer(layer, num_layers)
-    if k == num_layers - 1 and backbone in LEGACY_LAST:
-        return LEGACY_LAST[backbone]
-    return f"{backbone}_layer{k}"
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "WEIGHTS_HINT",
+    "Backbone",
+    "Output",
+    "Preprocess",
+    "check_weights_arg",
+    "feature_name",
+    "hf_hub_file",
+    "load_state_dict_file",
+    "load_strict",
+    "one_line",
+    "resolve_layer",
+    "seeded_init",
+    "sha256_file",
+    "url_reachable",
+]
 
 
 def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
@@ -115,24 +46,55 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
 
 @dataclass
 class Backbone:
-    """A frozen feature extractor: float images [B,3,H,W] -> float32 tokens [B,T,C], CLS at index 0.
+    """A frozen feature extractor: float images [B,3,H,W] -> float32 tokens [B,T,C] per output, CLS at index 0.
 
-    Subclasses set `module` (the torch model, eval mode) and implement `forward` and `token_shape`.
-    `weights` is the weights identity recorded in the store: {"kind": "pretrained"|"file"|"random", ...}.
+    One model serves every (variant, layer) in `outputs`; preprocessing, token layout, weights and device are
+    shared by all of them. Families implement `forward_features` (one pass, up to the deepest block requested) and
+    `token_shape`. `weights` is the weights identity recorded in the store: {"kind": "pretrained"|"file"|"random", ...}.
     """
 
-    name: str
     arch: str
-    layer: int  # resolved, non-negative
     num_layers: int
     preprocess: Preprocess
     weights: dict[str, Any]
     module: torch.nn.Module = field(repr=False)
+    outputs: list[Output]
     cls_index: int = 0
 
     @property
+    def name(self) -> str:
+        """The variant (or "a,b" for several), as given to get_backbone."""
+        return ",".join(dict.fromkeys(o.backbone for o in self.outputs))
+
+    @property
+    def layers(self) -> list[int]:
+        """The blocks whose outputs are taken, ascending."""
+        return sorted({o.layer for o in self.outputs})
+
+    def _single(self, what: str) -> Output:
+        if len(self.outputs) != 1:
+            raise BadArgumentError(
+                f"{what} needs a backbone with one output; this one has {len(self.outputs)} "
+                f"({', '.join(o.feature for o in self.outputs)}): use forward_features(x) / describe(feature)"
+            )
+        return self.outputs[0]
+
+    @property
+    def layer(self) -> int:
+        return self._single("backbone.layer").layer
+
+    @property
     def feature(self) -> str:
-        return feature_name(self.name, self.layer, self.num_layers)
+        return self._single("backbone.feature").feature
+
+    def output(self, feature: str | None = None) -> Output:
+        """The output stored under `feature` (default: the only one)."""
+        if feature is None:
+            return self._single("describe()")
+        for o in self.outputs:
+            if o.feature == feature:
+                return o
+        raise BadArgumentError(f"{feature!r} is not an output of this backbone ({', '.join(o.feature for o in self.outputs)})")
 
     def to(self, device: str | torch.device) -> Backbone:
         self.module.to(device)
@@ -143,25 +105,43 @@ class Backbone:
         return next(self.module.parameters()).device
 
     def token_shape(self, input_hw: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
-        """(T, C, grid) of the output for a preprocessed input of size input_hw."""
+        """(T, C, grid) of every output for a preprocessed input of size input_hw."""
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """feature name -> float32 [B, T, C] for every output, from one forward pass."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The tokens of a single-output backbone (the legacy call)."""
+        return self.forward_features(x)[self._single("backbone(x)").feature]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
-    def describe(self) -> dict[str, Any]:
-        """Provenance written into the store's attributes (JSON-serialisable)."""
+    def describe(self, feature: str | None = None) -> dict[str, Any]:
+        """Provenance of one output, written into the store's attributes (JSON-serialisable)."""
+        o = self.output(feature)
         return {
-            "backbone": self.name,
+            "backbone": o.backbone,
             "arch": self.arch,
-            "layer": self.layer,
+            "layer": o.layer,
             "num_layers": self.num_layers,
             "weights": self.weights,
             "preprocess": self.preprocess.to_dict(),
+            "head": backbone_config(o.backbone).head,
         }
+
+
+WEIGHTS_HINT = "use --weights PATH for a local checkpoint or --weights random"
+
+
+def check_weights_arg(weights: str, arch: str) -> None:
+    """Fail before building anything: the weights argument must name a source; tiny archs have no pretrained ones."""
+    if weights not in ("pretrained", "random") and not Path(weights).is_file():
+        raise WeightsError(f"--weights {weights!r} is neither 'pretrained', 'random' nor an existing file")
+    if arch == "tiny" and weights == "pretrained":
+        raise WeightsError(f"--arch tiny has no pretrained weights; {WEIGHTS_HINT}")
 
 
 def seeded_init(seed: int) -> torch.Generator:

@@ -1,7 +1,8 @@
 """OpenCLIP vision towers (`clip`): CLS = the pooled, projected image embedding; patches = ln_post(tokens) @ proj.
 
-Only the vision tower is built (no text tower), from open_clip's model config; preprocessing comes from open_clip's
-config for the pretrained tag (size, mean/std, interpolation, resize mode), so the two cannot drift.
+Only the vision tower is kept (built by `open_clip.CLIP` from open_clip's model config, with a stub text tower);
+preprocessing comes from open_clip's config for the pretrained tag (size, mean/std, interpolation, resize mode), so
+the two cannot drift. Requested blocks come from open_clip's public `forward_intermediates`.
 """
 from __future__ import annotations
 
@@ -14,35 +15,36 @@ from typing import Any
 import torch
 
 from ..errors import BadArgumentError, WeightsError
-from . import register
 from .base import (
+    WEIGHTS_HINT,
     Backbone,
     Preprocess,
+    check_weights_arg,
     hf_hub_file,
     load_state_dict_file,
     load_strict,
     one_line,
-    resolve_layer,
     seeded_init,
     sha256_file,
     url_reachable,
 )
+from .registry import BackboneConfig, LayerSpec, backbone_config, make_outputs, parse_layers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ARCH = "ViT-L-14"
 DEFAULT_TAG = "openai"
 # A CLIP-shaped vision tower small enough for tests: 224 px, patch 14 -> 16x16 grid, 2 heads of 32.
 TINY = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 224, "patch_size": 14, "width": 64, "layers": 2, "head_width": 32},
 }
-WEIGHTS_HINT = "use --weights PATH for a local checkpoint or --weights random"
+# The text tower is never used; CLIP() needs one, so it gets the smallest that builds.
+_TEXT_STUB = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 1}
 
 
 @dataclass
 class Clip(Backbone):
-    """open_clip VisionTransformer run piece by piece: embeddings, resblocks[:layer + 1], ln_post, proj."""
+    """open_clip VisionTransformer through its `forward_intermediates`: ln_post on each requested block, then proj."""
 
     image_size: tuple[int, int] = (224, 224)
     patch_size: tuple[int, int] = (14, 14)
@@ -54,24 +56,21 @@ class Clip(Backbone):
         return 1 + gh * gw, int(self.module.proj.shape[1]), (gh, gw)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         v = self.module
         self.token_shape(tuple(x.shape[-2:]))
-        x = x.to(device=v.proj.device, dtype=v.proj.dtype)
-        x = v.conv1(x).flatten(2).transpose(1, 2)  # [B, grid, width]
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        x = v.ln_pre(v.patch_dropout(x))
-        t = v.transformer
-        batch_first = getattr(t, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1)
-        for blk in t.resblocks[: self.layer + 1]:
-            x = blk(x)
-        if not batch_first:
-            x = x.transpose(0, 1)
+        layers = self.layers
+        out = v.forward_intermediates(
+            x.to(device=v.proj.device, dtype=v.proj.dtype), indices=layers, stop_early=True,
+            normalize_intermediates=True, output_fmt="NLC", output_extra_tokens=True, intermediates_only=True,
+        )
         # 'tok' pooling: the pooled embedding is ln_post(x)[:, 0] @ proj, so one matmul gives CLS and patches.
-        return (v.ln_post(x) @ v.proj).float()
+        # Intermediates come in block order, which is `layers` (ascending).
+        tokens = {
+            k: (torch.cat([prefix, patches], dim=1) @ v.proj).float()
+            for k, prefix, patches in zip(layers, out["image_intermediates_prefix"], out["image_intermediates"])
+        }
+        return {o.feature: tokens[o.layer] for o in self.outputs}
 
 
 def _tag_for(arch: str) -> str | None:
@@ -84,14 +83,23 @@ def _tag_for(arch: str) -> str | None:
 
 
 def _build_visual(arch: str, quick_gelu: bool) -> torch.nn.Module:
+    """The vision tower of `open_clip.CLIP` built from open_clip's model config (the class and config that
+    `open_clip.create_model` uses), with a one-layer stub text tower: featstore never uses the text tower, and the
+    real one costs seconds of init and ~0.5 GB for ViT-L-14. The vision tower is built first, so random weights under
+    a seed do not depend on the text config. Weights are loaded afterwards by featstore (`load_strict`), which is why
+    `create_model`'s own weight resolution (and its "initialized randomly" warning) is not used.
+    """
     import open_clip
-    from open_clip.model import _build_vision_tower
     from open_clip.transformer import VisionTransformer
 
     cfg = TINY if arch == "tiny" else open_clip.get_model_config(arch)
     if cfg is None:
         raise BadArgumentError(f"unknown --arch {arch!r} for clip: not an open_clip model name")
-    visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", quick_gelu))
+    model = open_clip.CLIP(
+        embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=_TEXT_STUB,
+        quick_gelu=cfg.get("quick_gelu", quick_gelu),
+    )
+    visual = model.visual
     if not (
         isinstance(visual, VisionTransformer)
         and visual.attn_pool is None
@@ -142,15 +150,13 @@ def _pretrained(arch: str, tag: str) -> tuple[str, dict[str, Any]]:
     raise WeightsError(f"cannot get pretrained weights for {arch}/{tag} ({reason}); {WEIGHTS_HINT}")
 
 
-@register("clip")
-def clip(layer: int = -1, weights: str = "pretrained", arch: str | None = None, seed: int = 0,
-         image_size: int | None = None) -> Clip:
-    """OpenCLIP ViT-L-14 (openai) tokens of block `layer` through ln_post and proj: [B, 257, 768]."""
-    arch = arch or DEFAULT_ARCH
-    if weights not in ("pretrained", "random") and not Path(weights).is_file():
-        raise WeightsError(f"--weights {weights!r} is neither 'pretrained', 'random' nor an existing file")
-    if arch == "tiny" and weights == "pretrained":
-        raise WeightsError(f"--arch tiny has no pretrained weights; {WEIGHTS_HINT}")
+def build(
+    configs: list[BackboneConfig], *, layer: LayerSpec, weights: str, arch: str | None, seed: int,
+    image_size: int | None,
+) -> Clip:
+    """The OpenCLIP vision tower with open_clip's preprocessing for its pretrained tag, serving every requested layer."""
+    arch = arch or configs[0].default_arch
+    check_weights_arg(weights, arch)
     import open_clip
 
     if arch != "tiny" and open_clip.get_model_config(arch) is None:
@@ -166,7 +172,7 @@ def clip(layer: int = -1, weights: str = "pretrained", arch: str | None = None, 
     # OpenAI weights were trained with QuickGELU; the tag's config says so (open_clip 3 no longer forces it).
     visual = _build_visual(arch, quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
     num_layers = len(visual.transformer.resblocks)
-    k = resolve_layer(layer, num_layers)
+    layers = parse_layers(layer, num_layers)
     size = tuple(visual.image_size)
     if image_size is not None and (image_size, image_size) != size:
         raise BadArgumentError(f"clip {arch} takes {size[0]}px images; --image_size {image_size} is not supported")
@@ -185,8 +191,8 @@ def clip(layer: int = -1, weights: str = "pretrained", arch: str | None = None, 
         identity["sha256"] = sha256_file(path)
     visual.eval().requires_grad_(False)
     return Clip(
-        name="clip", arch=arch, layer=k, num_layers=num_layers, preprocess=pre,
-        weights=identity, module=visual, image_size=size, patch_size=tuple(visual.patch_size),
+        arch=arch, num_layers=num_layers, preprocess=pre, weights=identity, module=visual,
+        outputs=make_outputs(configs, layers, num_layers), image_size=size, patch_size=tuple(visual.patch_size),
     )
 
 
@@ -206,7 +212,7 @@ def clip_preprocess(arch: str | None = None) -> Preprocess:
     """The preprocessing `get_backbone("clip", arch=arch)` uses, from open_clip's configs, without building it."""
     import open_clip
 
-    arch = arch or DEFAULT_ARCH
+    arch = arch or backbone_config("clip").default_arch
     cfg = TINY if arch == "tiny" else open_clip.get_model_config(arch)
     if cfg is None:
         raise BadArgumentError(f"unknown --arch {arch!r} for clip: not an open_clip model name")

@@ -19,28 +19,27 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadArgumentError, WeightsError
-from . import register
 from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    WEIGHTS_HINT,
     Backbone,
     Preprocess,
+    check_weights_arg,
     hf_hub_file,
     load_state_dict_file,
     load_strict,
     one_line,
-    resolve_layer,
     seeded_init,
     sha256_file,
     url_reachable,
 )
+from .registry import BackboneConfig, LayerSpec, backbone_config, make_outputs, parse_layers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ARCH = "vit_base_patch14_dinov2.lvd142m"
 # A DINOv2-shaped ViT small enough for tests: patch 14, 37x37 position grid (518 px), layer scale.
 TINY = {"img_size": 518, "patch_size": 14, "embed_dim": 48, "depth": 3, "num_heads": 3, "init_values": 1e-5}
-WEIGHTS_HINT = "use --weights PATH for a local checkpoint or --weights random"
 
 
 def interpolate_pos_encoding(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
@@ -73,10 +72,14 @@ class _StopForward(Exception):
 
 @dataclass
 class DinoV2(Backbone):
-    """timm VisionTransformer run piece by piece: patch embed, reference pos-embed, blocks[:layer + 1]."""
+    """timm VisionTransformer run block by block: patch embed, reference pos-embed, blocks[:deepest + 1].
+
+    Not timm's `forward_intermediates`: it adds the position embedding with timm's own resampling (see the module
+    docstring), and it cannot stop inside a block at its qkv projection. The loop over `blocks` and the final `norm`
+    are what `forward_intermediates(norm=True)` runs; a test checks the two agree at the native grid.
+    """
 
     patch_size: int = 14
-    queries: bool = False  # dinov2_q: the query projection of block `layer`; dinov2: norm(block output)
 
     def token_shape(self, input_hw: tuple[int, int]) -> tuple[int, int, tuple[int, int]]:
         gh, gw = input_hw[0] // self.patch_size, input_hw[1] // self.patch_size
@@ -94,39 +97,49 @@ class DinoV2(Backbone):
         return m.norm_pre(m.patch_drop(m.pos_drop(x)))  # identities in eval mode for DINOv2
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.module
+        heads = {o.backbone: backbone_config(o.backbone).head for o in self.outputs}
+        want = {h: {o.layer for o in self.outputs if heads[o.backbone] == h} for h in ("qkv.query", "norm")}
+        deepest = max(self.layers)
+        taken: dict[tuple[str, int], torch.Tensor] = {}
         x = self.embed(x.to(device=m.cls_token.device, dtype=m.cls_token.dtype))
-        for blk in m.blocks[: self.layer]:
-            x = blk(x)
-        blk = m.blocks[self.layer]
-        if not self.queries:
-            return m.norm(blk(x)).float()
-        dim = x.shape[-1]
-        taken: dict[str, torch.Tensor] = {}
-        me = threading.get_ident()
+        for i, blk in enumerate(m.blocks[: deepest + 1]):
+            if i in want["qkv.query"]:
+                stop = i == deepest and i not in want["norm"]  # nothing needs the rest of this block
+                taken["qkv.query", i], x = _block_queries(blk, x, stop)
+            else:
+                x = blk(x)
+            if i in want["norm"]:
+                taken["norm", i] = m.norm(x).float()
+        return {o.feature: taken[heads[o.backbone], o.layer] for o in self.outputs}
 
-        def hook(_mod: torch.nn.Module, _inp: Any, out: torch.Tensor) -> None:
-            if threading.get_ident() != me:  # another thread's forward through the same module
-                return
-            taken["q"] = out[..., :dim]  # qkv channels are [q | k | v], each heads concatenated
+
+def _block_queries(blk: torch.nn.Module, x: torch.Tensor, stop: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Queries of `blk` (qkv[..., :C]; channels are [q | k | v], heads concatenated) taken from the block's own
+    forward by a hook, and the block output (None when `stop`: the block ends at its qkv projection).
+
+    A contiguous copy, so the k and v channels are not kept alive when many layers are taken.
+    """
+    dim = x.shape[-1]
+    taken: dict[str, torch.Tensor] = {}
+    me = threading.get_ident()
+
+    def hook(_mod: torch.nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        if threading.get_ident() != me:  # another thread's forward through the same module
+            return
+        taken["q"] = out[..., :dim].float().contiguous()
+        if stop:
             raise _StopForward
 
-        handle = blk.attn.qkv.register_forward_hook(hook)
-        try:
-            blk(x)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return taken["q"].float()
-
-
-def _check_weights_arg(weights: str) -> None:
-    if weights in ("pretrained", "random"):
-        return
-    if not Path(weights).is_file():
-        raise WeightsError(f"--weights {weights!r} is neither 'pretrained', 'random' nor an existing file")
+    handle = blk.attn.qkv.register_forward_hook(hook)
+    try:
+        y = blk(x)
+    except _StopForward:
+        y = None
+    finally:
+        handle.remove()
+    return taken["q"], y
 
 
 def _build_module(arch: str) -> torch.nn.Module:
@@ -191,18 +204,18 @@ def _pretrained(arch: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     raise WeightsError(f"cannot get pretrained weights for {arch} ({reason}); {WEIGHTS_HINT}")
 
 
-def build_dinov2(
-    name: str, *, queries: bool, layer: int, weights: str, arch: str | None, seed: int, image_size: int | None
+def build(
+    configs: list[BackboneConfig], *, layer: LayerSpec, weights: str, arch: str | None, seed: int,
+    image_size: int | None,
 ) -> DinoV2:
-    arch = arch or DEFAULT_ARCH
-    _check_weights_arg(weights)
-    if arch == "tiny" and weights == "pretrained":
-        raise WeightsError(f"--arch tiny has no pretrained weights; {WEIGHTS_HINT}")
+    """One timm ViT with its preprocessing, serving every requested (variant, layer)."""
+    arch = arch or configs[0].default_arch
+    check_weights_arg(weights, arch)
     if weights == "random":
         seeded_init(seed)
     model = _build_module(arch)
     num_layers = len(model.blocks)
-    k = resolve_layer(layer, num_layers)
+    layers = parse_layers(layer, num_layers)
     if weights == "random":
         identity: dict[str, Any] = {"kind": "random", "seed": int(seed)}
     else:
@@ -224,22 +237,6 @@ def build_dinov2(
         pad_multiple=patch,
     )
     return DinoV2(
-        name=name, arch=arch, layer=k, num_layers=num_layers, preprocess=pre, weights=identity, module=model,
-        patch_size=patch, queries=queries,
+        arch=arch, num_layers=num_layers, preprocess=pre, weights=identity, module=model,
+        outputs=make_outputs(configs, layers, num_layers), patch_size=patch,
     )
-
-
-@register("dinov2_q")
-def dinov2_q(layer: int = -1, weights: str = "pretrained", arch: str | None = None, seed: int = 0,
-             image_size: int | None = None) -> DinoV2:
-    """Queries of block `layer` (qkv[:, :, :C], heads concatenated), all tokens, CLS first."""
-    return build_dinov2("dinov2_q", queries=True, layer=layer, weights=weights, arch=arch, seed=seed,
-                        image_size=image_size)
-
-
-@register("dinov2")
-def dinov2(layer: int = -1, weights: str = "pretrained", arch: str | None = None, seed: int = 0,
-           image_size: int | None = None) -> DinoV2:
-    """Output tokens of block `layer` through the final LayerNorm, CLS first."""
-    return build_dinov2("dinov2", queries=False, layer=layer, weights=weights, arch=arch, seed=seed,
-                        image_size=image_size)

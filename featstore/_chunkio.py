@@ -1,0 +1,180 @@
+"""Fast local chunk I/O over zarr internals, used only where the installed zarr offers them.
+
+zarr's public read/write path hands every chunk to its event loop and from there to a thread pool: several thread
+switches per chunk that cost more than encoding a one-sample chunk. For a plain local store, featstore instead runs
+the array's own codecs synchronously and writes the chunk file with zarr's own atomic temp-file + rename. That needs
+three zarr internals, all checked here, once:
+
+- ``zarr.abc.codec.SupportsSyncCodec`` (zarr >= 3.1.6) and the codecs' ``_encode_sync`` / ``_decode_sync``;
+- ``zarr.storage._local._put`` (the atomic write LocalStore.set uses; zarr >= 3.1.3);
+- ``zarr.core.sync.sync`` (run a store coroutine from sync code).
+
+Where any is missing (or ``FEATSTORE_CHUNKIO=public``), zarr's public API is used instead; the test suite runs the
+store tests on both paths and checks that they write identical bytes and read identical values.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+
+try:  # the internals of the fast path; any one missing selects zarr's public path
+    from zarr.abc.codec import SupportsSyncCodec
+    from zarr.storage._local import _put as _zarr_put
+except ImportError:  # pragma: no cover - older/newer zarr
+    SupportsSyncCodec = None
+    _zarr_put = None
+
+try:
+    from zarr.core.sync import sync as _zarr_sync
+except ImportError:  # pragma: no cover
+    _zarr_sync = None
+
+IO_THREADS = 4  # threads that encode, write and fsync chunk files: fsync waits overlap each other and the encoding
+_forced_public = threading.local()
+
+
+def fast_available() -> bool:
+    """Whether the installed zarr offers the internals of the fast path (independent of the override)."""
+    return SupportsSyncCodec is not None and _zarr_put is not None
+
+
+def fast_enabled() -> bool:
+    if getattr(_forced_public, "on", False) or os.environ.get("FEATSTORE_CHUNKIO", "") == "public":
+        return False
+    return fast_available()
+
+
+@contextlib.contextmanager
+def public_path() -> Iterator[None]:
+    """Use zarr's public API for arrays opened inside this block (tests compare both paths)."""
+    old = getattr(_forced_public, "on", False)
+    _forced_public.on = True
+    try:
+        yield
+    finally:
+        _forced_public.on = old
+
+
+# ---- running store coroutines from sync code -------------------------------------------------------------------------
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def run(coro) -> Any:
+    """Run a zarr store coroutine: on zarr's own loop where available, else on a private loop thread."""
+    if _zarr_sync is not None:
+        return _zarr_sync(coro)
+    global _loop
+    with _loop_lock:  # pragma: no cover - only without zarr.core.sync
+        if _loop is None or _loop.is_closed():
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, daemon=True, name="featstore-loop").start()
+    return asyncio.run_coroutine_threadsafe(coro, _loop).result()  # pragma: no cover
+
+
+async def _alist(agen) -> list[str]:
+    return [k async for k in agen]
+
+
+def list_dir(store: zarr.abc.store.Store, prefix: str) -> list[str]:
+    return run(_alist(store.list_dir(prefix)))
+
+
+def buffer(data: bytes):
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+# ---- synchronous codecs -----------------------------------------------------------------------------------------------
+def codec_steps(arr: zarr.Array, local: bool) -> list | None:
+    """[(codec, chunk spec it sees)] in encode order, or None where zarr's own path must be used (remote stores,
+    codecs without a sync path such as sharding, a zarr without the internals, or the public override)."""
+    if not (local and fast_enabled()):
+        return None
+    codecs = list(arr.metadata.codecs)  # array->array, array->bytes, bytes->bytes
+    if not all(isinstance(c, SupportsSyncCodec) for c in codecs):
+        return None
+    spec = arr.metadata.get_chunk_spec((0,) * arr.ndim, arr.config, default_buffer_prototype())
+    steps = []
+    for codec in codecs:
+        steps.append((codec, spec))
+        spec = codec.resolve_metadata(spec)
+    return steps
+
+
+def encoder(arr: zarr.Array, steps: list) -> Callable[[np.ndarray], Any]:
+    """rows of one chunk -> encoded buffer; an edge chunk is padded with the fill value exactly as zarr pads it."""
+    prototype = default_buffer_prototype()
+    chunk_shape = tuple(arr.chunks)
+    dtype = np.dtype(arr.dtype)
+    fill = arr.metadata.fill_value
+
+    def encode(rows: np.ndarray):
+        if rows.shape != chunk_shape:
+            full = np.full(chunk_shape, fill, dtype=dtype)
+            full[: len(rows)] = rows
+            rows = full
+        buf = prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(rows, dtype=dtype))
+        for codec, spec in steps:
+            buf = codec._encode_sync(buf, spec)
+        return buf
+
+    return encode
+
+
+def decoder(steps: list) -> Callable[[bytes], np.ndarray]:
+    """bytes of one chunk file -> ndarray (the crc32c codec checks the checksum)."""
+    prototype, rev = default_buffer_prototype(), steps[::-1]
+
+    def decode(data: bytes) -> np.ndarray:
+        buf = prototype.buffer.from_bytes(data)
+        for codec, spec in rev:
+            buf = codec._decode_sync(buf, spec)
+        return buf.as_numpy_array()
+
+    return decode
+
+
+# ---- files ------------------------------------------------------------------------------------------------------------
+def put_file(path: Path, buf, durable: bool) -> None:
+    """zarr's own atomic write (temp file + rename); with `durable`, fsync it at once so the disk works while other
+    threads encode."""
+    _zarr_put(path, buf)
+    if durable:
+        fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_all(paths: list[Path], files: bool = True) -> None:
+    """fsync files (unless already done), then their folders, so the renames that published them are durable too.
+    In parallel: each fsync mostly waits for the disk, and the file system commits concurrent ones together."""
+    if files:
+        list(io_pool().map(fsync_path, paths))
+    list(io_pool().map(fsync_path, sorted({p.parent for p in paths})))
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """One pool per process (a forked child inherits the parent's pool object but none of its threads)."""
+    return _io_pool_of(os.getpid())
+
+
+@functools.cache
+def _io_pool_of(pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="featstore-io")

@@ -1,0 +1,112 @@
+"""The completion record of one array: which write units (chunks, or shards with --pack) are durably written.
+
+One empty key per unit, `{array}/done-{uid}/{i}`, written only after the unit's data is durable (local: written by
+an atomic rename and fsync'ed; object storage: the PUT returned). Markers live under the array's own random uid, so
+markers of an earlier incarnation of the array (before --overwrite) never count. Reading the record is one listing.
+
+Also the advisory writer lock: two extractions of the same share of one array would compute the same chunks twice.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from . import _chunkio
+from .errors import StoreError
+
+
+class CompletionRecord:
+    def __init__(self, zstore: zarr.abc.store.Store, array_path: str, uid: str | None, nunits: int,
+                 local_root: Path | None, fast: bool = False):
+        self.zstore, self.path, self.nunits, self.local_root = zstore, array_path, nunits, local_root
+        self.fast = fast and local_root is not None
+        self.prefix = f"{array_path}/done-{uid or 'none'}"
+
+    def mask(self) -> np.ndarray:
+        """Boolean (nunits,): which units are durably written."""
+        keys = _chunkio.list_dir(self.zstore, self.prefix)
+        mask = np.zeros(self.nunits, dtype=bool)
+        for k in keys:
+            if k.isdigit() and int(k) < self.nunits:
+                mask[int(k)] = True
+        return mask
+
+    def mark_done(self, units: list[int], durable: bool) -> None:
+        if self.fast and _chunkio.fast_enabled():
+            folder = self.local_root / self.prefix
+            for i in units:  # same function as LocalStore.set, without the event-loop hop
+                _chunkio.put_file(folder / str(i), _chunkio.buffer(b""), durable=False)
+            if durable:
+                _chunkio.fsync_path(folder)
+            return
+        for i in units:
+            _chunkio.run(self.zstore.set(f"{self.prefix}/{i}", _chunkio.buffer(b"")))
+
+    def mark_undone(self, units: list[int]) -> None:
+        for i in units:
+            _chunkio.run(self.zstore.delete(f"{self.prefix}/{i}"))
+
+    def clean_partials(self, units: list[int] | None = None) -> int:
+        """Remove stray `*.partial` temp files that a killed writer left; only for `units` (this writer's share),
+        so a concurrent writer's in-flight temp files are never touched. Returns how many were removed."""
+        if self.local_root is None:
+            return 0
+        base = self.local_root / self.path
+        wanted = None if units is None else set(units)
+        removed = 0
+        for p in base.rglob("*.partial"):
+            rel = p.relative_to(base).parts
+            idx = rel[1] if rel[0] == "c" else rel[1].split(".")[0] if rel[0].startswith("done-") else None
+            if wanted is None or (idx is not None and idx.isdigit() and int(idx) in wanted):
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+
+class WriterLock:
+    """An advisory lock (flock) per array and share: released when the holder exits or crashes.
+
+    Only local stores can be locked; on object storage concurrent writers of one share are not detected.
+    """
+
+    def __init__(self, local_root: Path | None, array_path: str, share: tuple[int, int]):
+        self.path = None
+        if local_root is not None:
+            k, n = share
+            self.path = local_root / array_path / f".featstore-lock-{k}of{n}"
+        self._fd: int | None = None
+
+    def acquire(self) -> WriterLock:
+        if self.path is None:
+            return self
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise StoreError(
+                    f"another extract is already writing the same share of {self.path.parent} (lock "
+                    f"{self.path.name}); wait for it to finish, or give each process its own --shard K/N"
+                ) from None
+            raise
+        self._fd = fd  # nothing is written into the lock file: a rerun leaves the store's files untouched
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+    def __enter__(self) -> WriterLock:  # noqa: PYI034
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,226 @@
+"""The same extraction as dask tasks on a cluster: `extract(..., workers=N)` or `extract(..., scheduler=ADDRESS)`.
+
+featstore has no scheduler of its own; it rides on dask.distributed. The client prepares the arrays once (creating
+them race-free, as a single process would), reads the completion record, cuts the units left into a few contiguous
+ranges per worker and submits one task per range. A task reopens the store from its URL or folder (never an open
+client object: S3 clients are bound to their process's event loop), takes the backbone from a per-process cache
+(built once per worker; one model per GPU through the `GPU` resource), re-reads the completion record and computes
+only the units of its range still missing. Every unit is marked done only after its write succeeded, so a range
+retried after its worker died skips what that worker finished. Rows never depend on which process computed them,
+so the array is bit-identical to a single-process run.
+
+Workers must see the images at the same paths as the client (a shared file system), and the store at the same
+folder or URL; S3 credentials come from each worker's environment or from `storage_options`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._progress import tqdm
+from .backbones import Backbone
+from .errors import BadArgumentError, ClusterError, FeatstoreError, Interrupted, StoreError, Terminated
+from .extract import ExtractConfig, ExtractResult, SplitJob, _backbone, parse_shard, resolve_device
+from .layout import Subject
+from .store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+RANGES_PER_WORKER = 4  # a few tasks per worker: the last ones balance the load, each still reads its images in order
+RETRIES = 2  # a task that raised something other than a featstore error (e.g. a dropped S3 connection) runs again
+
+
+def extract_on_cluster(subject: Subject, subj: str, output_dir: str | Path, cfg: ExtractConfig, *,
+                       store: FeatureStore | None = None, scheduler: str | None = None,
+                       workers: int | None = None) -> ExtractResult:
+    """`extract()` with its units run as dask tasks (called by `extract` when `scheduler` or `workers` is given)."""
+    if scheduler is not None and workers is not None:
+        raise BadArgumentError("give either --scheduler ADDRESS or --workers N, not both")
+    if workers is not None and workers < 1:
+        raise BadArgumentError(f"--workers {workers}: need at least 1")
+    if isinstance(cfg.backbone, Backbone):
+        raise BadArgumentError("a distributed extraction builds the backbone on each worker: pass it by name "
+                               "(backbone='dinov2_q', arch=..., weights=...), not as a built Backbone")
+    share = parse_shard(cfg.shard)
+    # built on the client's CPU only for what the arrays are defined by: token shape, layout, weights identity
+    bb = _backbone(cfg, weights=cfg.weights)
+    if bb.weights.get("kind") == "random":
+        log.warning("using RANDOM weights (seed %s) for %s: features are not pretrained",
+                    bb.weights.get("seed"), ",".join(o.backbone for o in bb.outputs))
+    fs = store or FeatureStore(output_dir, mode="a", storage_options=cfg.storage_options)
+    t0 = time.perf_counter()
+    jobs = []
+    for split, paths in subject.images.items():
+        job = SplitJob(fs, bb, cfg, subj, split, paths, share)
+        arrays = job.prepare()
+        todo = job.todo(arrays)
+        jobs.append((job, arrays, sorted(set().union(*todo.values()))))
+    result = ExtractResult(store=fs.location, feature=bb.outputs[0].feature)
+    computed: dict[str, int] = {}
+    finished = {job.split: t0 for job, _, _ in jobs}
+    if any(left for _, _, left in jobs):
+        with contextlib.ExitStack() as stack:
+            for _, arrays, _ in jobs:  # one writer per share of a local store, as in a single-process run
+                for fa in arrays:
+                    stack.enter_context(fa.lock(share))
+            client = stack.enter_context(_client(scheduler, workers, gpu=cfg.device.startswith("cuda")))
+            computed, finished = _run_tasks(client, fs, cfg, jobs, share, t0, finished)
+    for job, arrays, _ in jobs:
+        result.splits.extend(job.summaries(arrays, computed, finished[job.split] - t0))
+    return result
+
+
+def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, t0: float, finished: dict):
+    """Submit one task per range, follow them in one bar (rows), collect the rows computed per array."""
+    import distributed
+
+    n_workers = max(1, len(client.scheduler_info()["workers"]))
+    gpu_workers = [w for w in client.scheduler_info()["workers"].values() if w.get("resources", {}).get("GPU")]
+    resources = {"GPU": 1} if cfg.device.startswith("cuda") and gpu_workers else None
+    task_cfg = replace(cfg, progress=False, overwrite=False)
+    futures, meta = [], {}
+    for job, arrays, left in jobs:
+        if not left:
+            continue
+        spec = [(fa.feature, fa.uid) for fa in arrays]
+        for units in np.array_split(np.asarray(left), min(len(left), n_workers * RANGES_PER_WORKER)):
+            units = [int(u) for u in units]
+            rows = sum(b - a for a, b in map(arrays[0].chunk_range, units))
+            fut = client.submit(_fill_range, fs.source, fs.storage_options, task_cfg, job.subj, job.split,
+                                job.paths, share, spec, units, retries=RETRIES, pure=False, resources=resources,
+                                key=f"featstore-{job.split}-{units[0]}-{units[-1]}-{os.urandom(4).hex()}")
+            futures.append(fut)
+            meta[fut.key] = (job.split, units, rows)
+    computed: dict[str, int] = {}
+    bar = tqdm(total=sum(m[2] for m in meta.values()), desc=f"{jobs[0][0].subj}: {len(futures)} tasks on "
+               f"{n_workers} workers", unit="img", disable=None if cfg.progress else True, smoothing=0.1)
+    try:
+        for fut in distributed.as_completed(futures):
+            split, units, rows = meta[fut.key]
+            try:
+                out = fut.result()
+            except Exception as e:  # noqa: BLE001 - retries spent, or workers kept dying under it (KilledWorker)
+                raise ClusterError(
+                    f"{split}: the task for units {units[0]}-{units[-1]} failed on the cluster ({_one_line(e)}); "
+                    "units finished before are kept; rerun the same command to resume"
+                ) from None
+            if "error" in out:
+                raise out["error"]
+            for path, n in out["computed"].items():
+                computed[path] = computed.get(path, 0) + n
+            finished[split] = time.perf_counter()
+            bar.update(rows)
+    except KeyboardInterrupt as e:
+        client.cancel(futures)
+        state = ", ".join(f"{int(fa.done_mask().sum())}/{fa.nchunks} chunks of {fa.path}"
+                          for _, arrays, _ in jobs for fa in arrays)
+        code = 143 if isinstance(e, Terminated) else 130
+        raise Interrupted(f"interrupted: {state} are done; rerun the same command to resume", exit_code=code) from None
+    except BaseException:
+        client.cancel(futures)
+        raise
+    finally:
+        bar.close()
+    return computed, finished
+
+
+@contextlib.contextmanager
+def _client(scheduler: str | None, workers: int | None, gpu: bool) -> Iterator[Any]:
+    """A Client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded processes."""
+    try:
+        import dask
+        import distributed
+    except ImportError:
+        raise BadArgumentError(
+            "--workers/--scheduler need dask.distributed, which is not installed: pip install 'featstore[distributed]'"
+        ) from None
+    if workers is not None:
+        # non-daemonic workers may start their own image-decoding DataLoader workers (--num_workers)
+        with dask.config.set({"distributed.worker.daemon": False}), distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            silence_logs=logging.CRITICAL, resources={"GPU": 1} if gpu else None,
+        ) as cluster, distributed.Client(cluster) as client:
+            client.wait_for_workers(workers)
+            yield client
+        return
+    try:
+        client = distributed.Client(scheduler, timeout="10s")
+    except (OSError, TimeoutError, ValueError) as e:
+        raise BadArgumentError(f"cannot connect to the dask scheduler at {scheduler}: {_one_line(e)}") from None
+    with client:
+        yield client
+
+
+# ---- on the workers ------------------------------------------------------------------------------------------------
+_models: dict[tuple, tuple[Backbone, Any]] = {}
+_models_lock = threading.Lock()
+
+
+def _fill_range(source, storage_options, cfg: ExtractConfig, subj: str, split: str, paths: list[Path],
+                share: tuple[int, int], spec: list[tuple[str, str]], units: list[int]) -> dict[str, Any]:
+    """One task: compute the units of `units` still missing. featstore errors come back as data (a user mistake
+    such as a corrupt image is not retried); anything else raises, and dask retries the task."""
+    try:
+        bb, dev = _worker_backbone(cfg)
+        if cfg.num_workers > 0 and multiprocessing.current_process().daemon:
+            log.warning("dask worker processes are daemonic: decoding images in the task (set "
+                        "distributed.worker.daemon: false to use --num_workers %d)", cfg.num_workers)
+            cfg = replace(cfg, num_workers=0)
+        fs = FeatureStore(source, mode="a", storage_options=storage_options)
+        job = SplitJob(fs, bb, cfg, subj, split, paths, share)
+        arrays = []
+        for feature, uid in spec:
+            fa = fs.get(feature, subj, split)
+            if fa.uid != uid:
+                raise StoreError(f"{fa.path} in {fs.location} was replaced while this extraction ran (--overwrite "
+                                 "elsewhere?); rerun the command")
+            arrays.append(fa)
+        return {"computed": job.fill(arrays, job.todo(arrays, units), dev)}
+    except FeatstoreError as e:
+        return {"error": e}
+
+
+def _worker_backbone(cfg: ExtractConfig) -> tuple[Backbone, Any]:
+    """This process's model for `cfg`, built on first use and kept (one at a time: a new config replaces it)."""
+    key = (str(cfg.backbone), str(cfg.enc_layer), cfg.weights, cfg.arch, cfg.seed, cfg.image_size, cfg.device)
+    with _models_lock:
+        if key not in _models:
+            _models.clear()
+            dev = resolve_device(_worker_device(cfg.device))
+            _models[key] = (_backbone(cfg, weights=cfg.weights).to(dev), dev)
+        return _models[key]
+
+
+def _worker_device(device: str) -> str:
+    """`cuda` on a worker: the launcher's GPU where it narrowed CUDA_VISIBLE_DEVICES (dask-cuda, srun), else GPU
+    `name % count` for a LocalCluster's integer-named workers, so each worker process drives its own GPU."""
+    if device.strip().lower() != "cuda" or os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return device
+    try:
+        import distributed
+        import torch
+
+        name = distributed.get_worker().name
+        if isinstance(name, int) and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            return f"cuda:{name % torch.cuda.device_count()}"
+    except (ImportError, ValueError):  # not on a dask worker
+        pass
+    return device
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+__all__ = ["extract_on_cluster"]

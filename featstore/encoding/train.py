@@ -1,0 +1,263 @@
+"""Training the reference encoders on a feature store: features reach the model only through FeatureDataset and a
+DataLoader (workers read samples lazily, the array is never loaded whole), the legacy 90/10 split, MSE loss, AdamW,
+gradient clipping, the best validation epoch kept; then validation scores, metrics.json, a plot and the test-split
+predictions in the Algonauts submission format."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..dataset import FeatureDataset, train_val_split
+from ..errors import BadArgumentError, NotFoundInStoreError
+from ..layout import SPLIT_DIRS
+from .metrics import pearson_r, plot_roi_r, save_submission, summarize, write_metrics
+from .models import EncoderConfig, build_encoder
+from .names import FEATURE_ALIASES
+from .rois import HEMIS, READOUTS, ROI_DIR, SubjectRois, load_rois, make_readout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. store/feature/subj pick the array, data_dir is the subject folder (fMRI, ROI masks)."""
+
+    store: str | Path
+    data_dir: str | Path
+    feature: str = "dinov2_q_last"
+    subj: str = "01"
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    output_path: str | Path | None = None  # metrics.json, roi_r.png, checkpoint.pt, {lh,rh}_pred_test.npy
+    batch_size: int = 16
+    epochs: int = 15
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    num_workers: int = 4
+    seed: int = 0
+    device: str | None = None  # None: cuda when available, else cpu
+    val_fraction: float = 0.1
+    shuffle_targets: bool = False  # control run: training targets permuted across images, validation left intact
+    progress: bool = True
+
+    def check(self) -> TrainConfig:
+        for name, low in (("batch_size", 1), ("epochs", 1), ("num_workers", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise BadArgumentError(f"--{name} must be an integer >= {low}, got {v!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.clip_max_norm < 0:
+            raise BadArgumentError("--lr must be > 0, --weight_decay and --clip_max_norm >= 0")
+        self.model.check()
+        return self
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    samples: int
+    seconds: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class EncodingResult:
+    """What a run produced: metrics (as written to metrics.json), the model at its best validation epoch,
+    per-vertex validation r per hemisphere, the test-split predictions (None without a synt split), the files."""
+
+    metrics: dict
+    model: nn.Module
+    val_r: dict[str, np.ndarray]
+    test_pred: dict[str, np.ndarray] | None
+    files: dict[str, Path]
+
+
+class PermutedTargets(Dataset):
+    """Items of `ds` with the fMRI targets of item perm[i]: the shuffled-target control keeps the images and the
+    target distribution but breaks their pairing."""
+
+    def __init__(self, ds: FeatureDataset, perm: np.ndarray):
+        self.ds, self.perm = ds, np.asarray(perm)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[i][0], self.ds.targets(int(self.perm[i]))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BadArgumentError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        log.warning("--device %s: CUDA is not available, training on the CPU", device)
+        return torch.device("cpu")
+    return dev
+
+
+def _to(targets: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+
+
+def encoding_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """MSE of both hemispheres, summed."""
+    return F.mse_loss(out["lh_f_pred"], targets["lh_f"]) + F.mse_loss(out["rh_f_pred"], targets["rh_f"])
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
+                    clip_max_norm: float = 0.1, bar: tqdm | None = None) -> EpochStats:
+    """One pass over (features, {"lh_f", "rh_f"}) batches; the clock includes waiting for the loader."""
+    model.train()
+    total, n = 0.0, 0
+    t0 = time.perf_counter()
+    for x, targets in batches:
+        x, targets = x.to(device, non_blocking=True), _to(targets, device)
+        loss = encoding_loss(model(x), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_max_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        optimizer.step()
+        total += float(loss.detach()) * len(x)
+        n += len(x)
+        if bar is not None:
+            bar.update(len(x))
+            bar.set_postfix(loss=f"{total / n:.4f}", refresh=False)
+    return EpochStats(total / max(n, 1), n, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[dict, dict | None]:
+    """Predictions {"lh", "rh": (N, V) float32} over batches of features or (features, targets); the targets too
+    when the batches carry them."""
+    model.eval()
+    preds: dict[str, list] = {h: [] for h in HEMIS}
+    targets: dict[str, list] = {h: [] for h in HEMIS}
+    for batch in batches:
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        out = model(x.to(device, non_blocking=True))
+        for h in HEMIS:
+            preds[h].append(out[f"{h}_f_pred"].float().cpu().numpy())
+            if y is not None:
+                targets[h].append(y[f"{h}_f"].numpy())
+    cat = {h: np.concatenate(preds[h]) for h in HEMIS}
+    return cat, ({h: np.concatenate(targets[h]) for h in HEMIS} if targets["lh"] else None)
+
+
+def _loader(ds: Dataset, cfg: TrainConfig, device: torch.device, shuffle: bool) -> DataLoader:
+    gen = torch.Generator().manual_seed(cfg.seed) if shuffle else None
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.num_workers,
+                      persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda", generator=gen)
+
+
+def _mean_r(r: dict[str, np.ndarray]) -> float:
+    both = np.concatenate([r[h] for h in HEMIS])
+    both = both[np.isfinite(both)]
+    return float(both.mean()) if both.size else float("nan")
+
+
+def train_encoder(config: TrainConfig) -> EncodingResult:
+    """Train, keep the best validation epoch, score it, predict the test split and write the files of the run."""
+    cfg = config.check()
+    feature = FEATURE_ALIASES.get(cfg.feature, cfg.feature)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    def dataset(split: str = "train", indices=None, data_dir=cfg.data_dir) -> FeatureDataset:
+        return FeatureDataset(cfg.store, feature, cfg.subj, split, indices=indices, data_dir=data_dir)
+
+    full = dataset()
+    try:  # built now (metadata only), so that a problem with it stops the run before training, not after
+        has_test_images = (Path(cfg.data_dir) / SPLIT_DIRS["synt"]).is_dir()  # else the train split vouches for it
+        test_ds = dataset("synt", data_dir=cfg.data_dir if has_test_images else None)
+    except NotFoundInStoreError:
+        test_ds = None
+        log.warning("%s has no %s/%s/synt array: no test predictions", cfg.store, feature, cfg.subj)
+    train_idx, val_idx = train_val_split(len(full), cfg.val_fraction)
+    if len(train_idx) < 1 or len(val_idx) < 2:
+        raise BadArgumentError(f"{len(full)} training images give {len(val_idx)} for validation; at least 2 are needed")
+    needed = READOUTS[cfg.model.readout_res]
+    rois = load_rois(cfg.data_dir, needed) if needed or (Path(cfg.data_dir) / ROI_DIR).is_dir() else None
+    if rois is not None:
+        rois.check_vertices(full.n_vertices)
+    readout = make_readout(cfg.model.readout_res, full.n_vertices, rois)
+    model = build_encoder(cfg.model, full.channels, full.grid, readout).to(device)
+    train_ds: Dataset = dataset(indices=train_idx)
+    if cfg.shuffle_targets:
+        train_ds = PermutedTargets(train_ds, np.random.default_rng(cfg.seed).permutation(len(train_ds)))
+    train_loader = _loader(train_ds, cfg, device, shuffle=True)
+    val_loader = _loader(dataset(indices=val_idx), cfg, device, shuffle=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log.info("training %s/%s on %s: %d train, %d val images, %s readout with %d queries, %d parameters, on %s",
+             cfg.model.encoder_arch, feature, cfg.subj, len(train_idx), len(val_idx), cfg.model.readout_res,
+             readout.num_queries, sum(p.numel() for p in model.parameters()), device)
+
+    history, best_r, best_epoch, best_state = [], -np.inf, 0, None
+    samples, seconds = 0, 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        with tqdm(total=len(train_ds), desc=f"epoch {epoch}/{cfg.epochs}", unit="samples", disable=not cfg.progress,
+                  leave=False, dynamic_ncols=True) as bar:
+            stats = train_one_epoch(model, train_loader, optimizer, device, cfg.clip_max_norm, bar)
+        samples, seconds = samples + stats.samples, seconds + stats.seconds
+        pred, target = predict(model, val_loader, device)
+        r = _mean_r({h: pearson_r(pred[h], target[h]) for h in HEMIS})
+        history.append({"epoch": epoch, "train_loss": stats.loss, "val_mean_r": r, "samples_per_s": stats.samples_per_s})
+        log.info("epoch %d/%d: train loss %.4f, validation mean r %.4f, %.1f samples/s", epoch, cfg.epochs,
+                 stats.loss, r, stats.samples_per_s)
+        if best_state is None or r > best_r:
+            best_r, best_epoch = r, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+
+    pred, target = predict(model, val_loader, device)
+    val_r = {h: pearson_r(pred[h], target[h]) for h in HEMIS}
+    test_pred = None
+    if test_ds is not None:
+        test_pred, _ = predict(model, _loader(test_ds, cfg, device, shuffle=False), device)
+
+    metrics = {
+        **summarize(val_r, rois),
+        "feature": feature, "subj": cfg.subj, "encoder_arch": cfg.model.encoder_arch,
+        "readout_res": cfg.model.readout_res, "num_queries": readout.num_queries if cfg.model.encoder_arch ==
+        "transformer" else None, "n_train": len(train_idx), "n_val": len(val_idx),
+        "n_test": None if test_pred is None else len(test_pred["lh"]), "epochs": cfg.epochs, "best_epoch": best_epoch,
+        "samples_per_s": samples / seconds if seconds > 0 else None, "train_seconds": seconds,
+        "shuffle_targets": cfg.shuffle_targets, "device": str(device), "history": history,
+        "config": {**{k: v for k, v in asdict(cfg).items() if k != "model"}, "feature": feature},
+        "model": cfg.model.to_dict(),
+    }
+    files = _write_outputs(cfg, metrics, model, test_pred, rois) if cfg.output_path is not None else {}
+    return EncodingResult(metrics, model, val_r, test_pred, files)
+
+
+def _write_outputs(cfg: TrainConfig, metrics: dict, model: nn.Module, test_pred: dict | None,
+                   rois: SubjectRois | None) -> dict[str, Path]:
+    out = Path(cfg.output_path)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"metrics": write_metrics(out / "metrics.json", metrics)}
+    ckpt = out / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "model_config": cfg.model.to_dict(), "epoch": metrics["best_epoch"],
+                "feature": metrics["feature"], "subj": cfg.subj, "mean_r": metrics["mean_r"]}, ckpt)
+    files["checkpoint"] = ckpt
+    if rois is not None:
+        title = f"{metrics['feature']} {cfg.model.encoder_arch} ({cfg.model.readout_res}), subj {cfg.subj}"
+        files["plot"] = plot_roi_r(metrics["roi_mean_r"], out / "roi_r.png", title)
+    if test_pred is not None:
+        files["lh_pred_test"], files["rh_pred_test"] = save_submission(out, test_pred["lh"], test_pred["rh"])
+    return files

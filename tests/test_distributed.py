@@ -1,0 +1,136 @@
+"""Distributed extraction (issue 13): a real dask LocalCluster of 2 worker processes fills the arrays.
+
+One cluster for the module (created by featstore's own `_client`, workers forked from this process so they start
+without importing torch again); tests pass its address as `scheduler=`, as `--scheduler ADDRESS` does.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+from distributed import get_task_stream
+from distributed.diagnostics.plugin import WorkerPlugin
+
+import featstore.distributed as fdist
+from featstore.backbones import get_backbone
+from featstore.errors import BadArgumentError
+from featstore.extract import extract
+from featstore.sample import make_sample_subject
+from featstore.store import FeatureStore
+from tests.conftest import TINY, run_cli
+
+N_TRAIN, N_TEST = 10, 2
+
+
+@pytest.fixture(scope="module")
+def subj(tmp_path_factory) -> Path:
+    return make_sample_subject(tmp_path_factory.mktemp("dist"), subj="01", n_train=N_TRAIN, n_test=N_TEST, seed=7)
+
+
+@pytest.fixture(scope="module")
+def client():
+    get_backbone("dinov2_q", arch="tiny", weights="random")  # import timm here: forked workers inherit it (~10 s)
+    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}), fdist._client(None, 2, gpu=False) as c:
+        yield c
+
+
+def _read_all(store, split: str, **kw) -> np.ndarray:
+    fa = FeatureStore(store, **kw).get("dinov2_q_last", "01", split)
+    assert fa.is_complete()
+    return fa.read(0, fa.shape[0])
+
+
+@pytest.mark.parametrize("pack", [1, 3])
+def test_two_workers_equal_single_process(subj, client, tmp_path, pack):
+    ref, out = tmp_path / "ref.zarr", tmp_path / "dist.zarr"
+    extract(subj, ref, backbone="dinov2_q", batch_size=4, pack=pack, **TINY)
+    with get_task_stream(client) as ts:
+        res = extract(subj, out, backbone="dinov2_q", batch_size=4, pack=pack, scheduler=client.scheduler.address,
+                      **TINY)
+    workers = {t["worker"] for t in ts.data if str(t["key"]).startswith("featstore-")}
+    assert len(workers) == 2, "both workers should have run tasks"
+    assert [(s.path, s.computed, s.skipped) for s in res.splits] == [
+        ("dinov2_q_last/01/train", N_TRAIN, 0), ("dinov2_q_last/01/synt", N_TEST, 0)]
+    for split in ("train", "synt"):
+        np.testing.assert_array_equal(_read_all(out, split), _read_all(ref, split))
+    # the arrays, their attributes' fingerprints and their unit layout are those of a single-process run
+    a, b = (FeatureStore(p).get("dinov2_q_last", "01", "train") for p in (ref, out))
+    assert a.fingerprint == b.fingerprint and a.nchunks == b.nchunks == -(-N_TRAIN // pack)
+    again = extract(subj, out, backbone="dinov2_q", batch_size=4, pack=pack, scheduler=client.scheduler.address,
+                    **TINY)
+    assert [s.computed for s in again.splits] == [0, 0]  # nothing left: no task submitted
+
+
+class KillOnceAfterWrite(WorkerPlugin):
+    """Logs every unit run a worker writes (after it is marked done) and SIGKILLs the first worker that writes a
+    train run while the `arm` file exists (claimed by an atomic rename, so exactly one worker dies, once)."""
+
+    name = "featstore-test-kill"
+
+    def __init__(self, log: str, arm: str):
+        self.log, self.arm = log, arm
+
+    def setup(self, worker):
+        from featstore.store import FeatureArray
+
+        self.orig = orig = FeatureArray.write_chunks
+        log, arm = self.log, self.arm
+
+        def write_chunks(fa, first, data, durable=True):
+            units = orig(fa, first, data, durable=durable)
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()} {fa.split} {' '.join(map(str, units))}\n")
+            if fa.split == "train":
+                try:
+                    os.rename(arm, arm + ".taken")
+                except FileNotFoundError:
+                    return units
+                with open(log, "a") as f:
+                    f.write(f"{os.getpid()} killed\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return units
+
+        FeatureArray.write_chunks = write_chunks
+
+    def teardown(self, worker):
+        from featstore.store import FeatureArray
+
+        FeatureArray.write_chunks = self.orig
+
+
+def test_killed_worker_range_is_retried_without_recomputing_done_units(subj, client, tmp_path, monkeypatch):
+    ref, out = tmp_path / "ref.zarr", tmp_path / "dist.zarr"
+    extract(subj, ref, backbone="dinov2_q", batch_size=2, **TINY)
+    log, arm = tmp_path / "writes.log", tmp_path / "arm"
+    arm.touch()
+    monkeypatch.setattr(fdist, "RANGES_PER_WORKER", 1)  # train: two ranges of 5 units, written 2 + 2 + 1
+    client.register_plugin(KillOnceAfterWrite(str(log), str(arm)))
+    try:
+        res = extract(subj, out, backbone="dinov2_q", batch_size=2, scheduler=client.scheduler.address, **TINY)
+    finally:
+        client.unregister_worker_plugin(KillOnceAfterWrite.name)
+    assert not arm.exists() and Path(str(arm) + ".taken").exists(), "no worker was killed"
+    rows = [line.split() for line in log.read_text().splitlines()]
+    (killed_pid,) = [pid for pid, what, *_ in rows if what == "killed"]
+    train = [(pid, [int(u) for u in units]) for pid, split, *units in rows if split == "train"]
+    killed_units = [u for pid, units in train if pid == killed_pid for u in units]
+    assert killed_units, train
+    written = sorted(u for _, units in train for u in units)
+    assert written == list(range(N_TRAIN)), f"a unit marked done was written twice (or never): {train}"
+    # the killed worker's range was finished elsewhere, and the run reports what its finished tasks computed
+    assert res.splits[0].computed == N_TRAIN - len(killed_units)
+    for split in ("train", "synt"):
+        np.testing.assert_array_equal(_read_all(out, split), _read_all(ref, split))
+    assert len(client.scheduler_info()["workers"]) == 2  # the nanny restarted the killed worker
+
+
+def test_cli_flags_and_errors(subj, tmp_path):
+    r = run_cli("extract", "--data_dir", str(subj), "--output_dir", str(tmp_path / "s.zarr"), "--arch", "tiny",
+                "--weights", "random", "--device", "cpu", "--workers", "1", "--scheduler", "tcp://127.0.0.1:1")
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr, r.stderr
+    with pytest.raises(BadArgumentError, match="--workers 0"):
+        extract(subj, tmp_path / "s.zarr", backbone="dinov2_q", workers=0, **TINY)

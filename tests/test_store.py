@@ -1,0 +1,246 @@
+"""The store as other tools see it (format version 1), both chunk I/O paths, old stores, and the store-side edges of
+issue 10 (locks, --overwrite, fingerprint messages, unusable output folders)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from conftest import TINY, run_cli
+
+from featstore import FeatureDataset, FeatureStore, _chunkio, export_npy, extract
+from featstore.errors import StoreError
+from featstore.store import FORMAT_VERSION, fingerprint_diff, nsd_ids
+
+DATA = Path(__file__).parent / "data"
+
+
+def _one_error(stderr: str) -> bool:
+    """One error line (a RANDOM-weights warning may precede it), no traceback."""
+    return stderr.count("featstore: error:") == 1 and "Traceback" not in stderr and stderr.endswith("\n")
+
+
+@pytest.fixture(scope="module")
+def store(subject, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("st") / "s.zarr"
+    extract(subject, path, backbone="dinov2_q", batch_size=4, **TINY)
+    return path
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every data file of a store (chunks and metadata), minus the parts that are random by design (uids, dates)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and "/c/" in f"/{rel}":
+            out[rel] = p.read_bytes()
+    return out
+
+
+def test_fast_and_public_chunk_paths_write_identical_bytes_and_read_identical_values(subject, store, tmp_path):
+    if not _chunkio.fast_available():
+        pytest.skip("this zarr lacks the internals of the fast path: only the public path exists")
+    with _chunkio.public_path():
+        extract(subject, tmp_path / "pub.zarr", backbone="dinov2_q", batch_size=4, **TINY)
+        pub = FeatureStore(tmp_path / "pub.zarr").get("dinov2_q_last", "01", "train")
+        assert pub._steps is None
+        pub_sample = pub.read_sample(3)
+    fast = FeatureStore(store).get("dinov2_q_last", "01", "train")
+    assert fast._steps is not None
+    assert _files(store) == _files(tmp_path / "pub.zarr")
+    np.testing.assert_array_equal(fast.read_sample(3), pub_sample)
+    np.testing.assert_array_equal(fast.read(0, 6), pub.read(0, 6))
+
+
+def test_environment_switch_selects_the_public_path(store):
+    code = ("import featstore._chunkio as c; from featstore.store import FeatureStore; "
+            f"fa = FeatureStore({str(store)!r}).get('dinov2_q_last', '01', 'train'); print(c.fast_enabled(), fa._steps)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "FEATSTORE_CHUNKIO": "public"}, check=True).stdout
+    assert out.split() == ["False", "None"]
+
+
+def test_plain_zarr_sees_nan_for_unwritten_samples_and_dimension_names(subject, tmp_path):
+    path = tmp_path / "p.zarr"
+    extract(subject, path, backbone="dinov2_q", shard="0/2", splits=["train"], **TINY)  # first half only
+    a = zarr.open_array(path, path="dinov2_q_last/01/train", mode="r")
+    assert a.metadata.dimension_names == ("train_image", "token", "channel")
+    values = a[...]
+    assert np.isfinite(values[:3]).all() and np.isnan(values[3:]).all()
+    fa = FeatureStore(path).get("dinov2_q_last", "01", "train")
+    assert fa.format_version == FORMAT_VERSION == 1 and fa.provenance["format_version"] == 1
+
+
+def test_xarray_opens_a_labelled_dataset_with_both_splits(store):
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_zarr(store, group="dinov2_q_last/01", consolidated=False)
+    fa = FeatureStore(store).get("dinov2_q_last", "01", "train")
+    assert ds["train"].dims == ("train_image", "token", "channel") and ds["synt"].dims[0] == "synt_image"
+    assert list(ds["train_image"].values) == fa.image_names
+    assert list(ds["train_nsd_id"].values) == list(nsd_ids(fa.image_names)) and (ds["train_nsd_id"] >= 0).all()
+    np.testing.assert_array_equal(ds["train"].sel(train_image=fa.image_names[2]).values, fa.read_sample(2))
+
+
+def test_tensorstore_reads_the_same_values(store):
+    ts = pytest.importorskip("tensorstore")
+    t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / "dinov2_q_last/01/train")}}).result()
+    fa = FeatureStore(store).get("dinov2_q_last", "01", "train")
+    np.testing.assert_array_equal(t.read().result(), fa.read(0, 6))
+
+
+def test_nsd_ids_from_names():
+    assert list(nsd_ids(["train-0001_nsd-00013.png", "other.png"])) == [13, -1]
+
+
+def test_format0_store_stays_readable(tmp_path):
+    """A store written by the previous format (fill 0, one 'image' dimension, no coordinates), committed as data."""
+    expected = json.loads((DATA / "format0_store.json").read_text())
+    fs = FeatureStore(DATA / "format0_store")
+    for split, want in expected.items():
+        fa = fs.get("dinov2_q_last", "01", split)
+        assert fa.format_version == 0 and fa.is_complete()
+        values = fa.read(0, fa.shape[0])
+        assert list(values.shape) == want["shape"] and hashlib.sha256(values.tobytes()).hexdigest() == want["sha256"]
+    ds = FeatureDataset(fs, feature="dinov2_q_last", subj="01", split="train")
+    assert tuple(ds[0].shape) == (48, 31, 31)
+    out = export_npy(fs, tmp_path / "npy", progress=False)
+    assert {p.name for p in out} == {"train.npy", "synt.npy"}
+
+
+def test_fingerprint_message_names_the_differing_codec_part():
+    old = {"codecs": [{"name": "bytes"}, {"name": "blosc", "configuration": {"typesize": 2, "cname": "lz4"}}]}
+    new = {"codecs": [{"name": "bytes"}, {"name": "blosc", "configuration": {"typesize": 4, "cname": "lz4"}}]}
+    assert fingerprint_diff(old, new) == "codecs[1].configuration.typesize: stored 2 vs now 4"
+
+
+def test_changed_dtype_message_shows_what_differs(subject, store):
+    r = run_cli("extract", "--data_dir", str(subject), "--output_dir", str(store), "--arch", "tiny", "--weights",
+                "random", "--device", "cpu", "--num_workers", "0", "--dtype", "float32")
+    assert r.returncode == 2 and _one_error(r.stderr), r.stderr
+    assert "dtype: stored \"float16\" vs now \"float32\"" in r.stderr and "typesize: stored 2 vs now 4" in r.stderr
+
+
+def test_overwrite_says_what_it_discards_and_keeps_an_unchanged_array(subject, tmp_path, caplog):
+    path = tmp_path / "o.zarr"
+    extract(subject, path, backbone="dinov2_q", splits=["train"], **TINY)
+    uid = FeatureStore(path).get("dinov2_q_last", "01", "train").uid
+    with caplog.at_level(logging.WARNING):
+        res = extract(subject, path, backbone="dinov2_q", splits=["train"], overwrite=True, **TINY)
+    assert res.splits[0].computed == 0 and FeatureStore(path).get("dinov2_q_last", "01", "train").uid == uid
+    assert not [r for r in caplog.records if "discarding" in r.message]
+    with caplog.at_level(logging.WARNING):
+        extract(subject, path, backbone="dinov2_q", splits=["train"], overwrite=True, dtype="float32", **TINY)
+    msgs = [r.message for r in caplog.records if "discarding" in r.message]
+    assert len(msgs) == 1 and "dinov2_q_last/01/train (6/6 chunks done)" in msgs[0] and "dtype" in msgs[0]
+
+
+def test_second_writer_of_the_same_share_is_refused(subject, tmp_path):
+    path = tmp_path / "l.zarr"
+    extract(subject, path, backbone="dinov2_q", splits=["train"], shard="0/2", **TINY)
+    lock = path / "dinov2_q_last/01/train/.featstore-lock-0of1"
+    holder = subprocess.Popen(  # another process holds the whole-array lock, as a running extract does
+        [sys.executable, "-c", (f"import fcntl, os, time; fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = FeatureStore(path).get("dinov2_q_last", "01", "train").done_mask()
+        r = run_cli("extract", "--data_dir", str(subject), "--output_dir", str(path), "--arch", "tiny", "--weights",
+                    "random", "--device", "cpu", "--num_workers", "0")
+        assert r.returncode == 2 and _one_error(r.stderr) and "already writing" in r.stderr, r.stderr
+        np.testing.assert_array_equal(FeatureStore(path).get("dinov2_q_last", "01", "train").done_mask(), before)
+        # another share is not blocked by it
+        extract(subject, path, backbone="dinov2_q", splits=["train"], shard="1/2", **TINY)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock dies with its holder: the same command now finishes the array
+    res = extract(subject, path, backbone="dinov2_q", splits=["train"], **TINY)
+    assert res.splits[0].done_chunks == 6 and res.splits[0].computed == 0
+
+
+def test_output_dir_in_proc_is_one_line(subject):
+    r = run_cli("extract", "--data_dir", str(subject), "--output_dir", "/proc/x.zarr", "--arch", "tiny",
+                "--weights", "random", "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--output_dir" in r.stderr, r.stderr
+
+
+def test_unknown_backbone_is_the_only_line(subject, tmp_path):
+    r = run_cli("extract", "--data_dir", str(subject), "--output_dir", str(tmp_path / "s.zarr"), "--backbone", "vgg")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--backbone 'vgg'" in r.stderr, r.stderr
+
+
+def test_subj_as_the_guide_writes_it(subject, tmp_path):
+    res = extract(subject, tmp_path / "s.zarr", subj="1", backbone="dinov2_q", splits=["synt"], **TINY)
+    assert res.splits[0].path == "dinov2_q_last/01/synt"
+
+
+def test_dry_run_prints_arrays_and_bytes_and_writes_nothing(subject, tmp_path):
+    r = run_cli("extract", "--data_dir", str(subject), "--output_dir", str(tmp_path / "s.zarr"), "--arch", "tiny",
+                "--weights", "random", "--backbone", "dinov2_q,dinov2", "--enc_layer", "0:2", "--dry_run")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("dinov2")]
+    assert len(lines) == 8 and "dinov2_q_layer0/01/train: shape=(6, 962, 48) float16" in r.stdout
+    assert "nothing was written" in r.stdout and not (tmp_path / "s.zarr").exists()
+
+
+def test_free_space_warning(subject, tmp_path, caplog, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with caplog.at_level(logging.WARNING):
+        extract(subject, tmp_path / "s.zarr", backbone="dinov2_q", splits=["synt"], **TINY)
+    msgs = [r.message for r in caplog.records if "are free" in r.message]
+    assert len(msgs) == 1 and "0.00 GB are free" in msgs[0]
+
+
+def test_progress_counts_written_rows(subject, tmp_path):
+    """The bar advances only after rows are durably written and marked done (it used to count computed rows)."""
+    from featstore.extract import BackgroundWriter
+
+    fs = FeatureStore(tmp_path / "w.zarr", mode="a")
+    extract(subject, tmp_path / "w.zarr", backbone="dinov2_q", splits=["synt"], shard="1/2", **TINY)
+    fa = fs.get("dinov2_q_last", "01", "synt")
+    seen = []
+    w = BackgroundWriter(durable=False, limit=1, on_written=lambda n: seen.append((n, fa.done_mask().tolist())))
+    w.put(fa, 0, np.zeros((1, *fa.shape[1:]), dtype=fa.dtype))
+    w.close()
+    assert seen == [(1, [True, True])]
+
+
+def test_sigterm_to_the_process_group_exits_143_without_traceback(tmp_path):
+    from featstore.sample import make_sample_subject
+
+    subj = make_sample_subject(tmp_path / "d", n_train=40, n_test=0, seed=3)
+    store = tmp_path / "g.zarr"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "featstore.cli", "extract", "--data_dir", str(subj), "--output_dir", str(store),
+         "--arch", "tiny", "--weights", "random", "--device", "cpu", "--num_workers", "2", "--batch_size", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    done = store / "dinov2_q_last/01/train"
+    while time.time() < deadline and not any(done.glob("done-*/*")):
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGTERM)  # what scancel and `kill -- -PGID` do
+    _out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "Traceback" not in err and "rerun the same command to resume" in err, err
+    finished = FeatureStore(store).get("dinov2_q_last", "01", "train").done_mask().sum()
+    assert finished >= 1
+
+
+def test_lock_is_refused_in_process_too(store):
+    fa = FeatureStore(store, mode="a").get("dinov2_q_last", "01", "synt")
+    with fa.lock((0, 1)), pytest.raises(StoreError, match="already writing"):
+        fa.lock((0, 1)).acquire()
+    with fa.lock((0, 1)):  # released on exit
+        pass
