@@ -28,7 +28,7 @@ _LAZY = {
     **dict.fromkeys(("format_info", "format_stats", "plot_stats", "plot_token_maps", "pca_rgb"), "stats_report"),
 }
 
-__all__ = [*sorted(_LAZY), "__version__"]  # noqa: PLE0605
+__all__ = [*sorted(_LAZY), "__version__"]  # noqa: PLE0604
 
 
 def __getattr__(name: str):

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from ._progress import tqdm
 from .backbones import Backbone, Preprocess, check_layer_spec, get_backbone, parse_backbones
 from .cluster import detect_shard
 from .cluster import resolve_device as cluster_device
@@ -39,7 +39,7 @@ from .errors import (
     StoreWriteError,
     Terminated,
 )
-from .layout import read_subject
+from .layout import normalize_subj, read_subject
 from .store import DEFAULT_CODEC, FeatureArray, FeatureStore, check_writable_dir, compressors, is_url
 
 log = logging.getLogger(__name__)
@@ -88,14 +88,6 @@ class ExtractConfig:
         parse_backbones(self.backbone)  # unknown names and unshareable mixes fail before anything is printed
         check_layer_spec(self.enc_layer)
         return replace(self, subj=normalize_subj(self.subj))
-
-
-def normalize_subj(subj: str | int) -> str:
-    """`1`, `01` and `subj01` all name subject 01 (the guide's main.py writes `--subj 1`)."""
-    m = re.fullmatch(r"(?:subj)?0*(\d{1,2})", str(subj).strip())
-    if not m or int(m.group(1)) < 1:
-        raise BadArgumentError(f"--subj {subj!r}: expected a subject number like 1 or 01")
-    return f"{int(m.group(1)):02d}"
 
 
 @dataclass

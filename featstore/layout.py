@@ -5,10 +5,11 @@ Split names follow the legacy export: `train` = training_split/training_images, 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LayoutError
+from .errors import BadArgumentError, LayoutError
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +58,11 @@ def read_subject(data_dir: str | Path, splits: list[str] | None = None) -> Subje
             raise LayoutError(f"{folder}: no .png images")
         images[split] = files
     return Subject(root=root, images=images)
+
+
+def normalize_subj(subj: str | int) -> str:
+    """`1`, `01` and `subj01` all name subject 01 (the guide's main.py writes `--subj 1`)."""
+    m = re.fullmatch(r"(?:subj)?0*(\d{1,2})", str(subj).strip())
+    if not m or int(m.group(1)) < 1:
+        raise BadArgumentError(f"--subj {subj!r}: expected a subject number like 1 or 01")
+    return f"{int(m.group(1)):02d}"

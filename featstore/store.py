@@ -38,6 +38,7 @@ from .errors import (
     NotFoundInStoreError,
     StoreError,
 )
+from .layout import normalize_subj
 
 FORMAT_VERSION = 1
 ATTR_KEY = "featstore"  # all featstore provenance lives under this attribute
@@ -275,7 +276,8 @@ class FeatureArray:
         return start // self.chunk_len
 
     def _corrupt(self, unit: int, e: BaseException) -> CorruptChunkError:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        reason = text.splitlines()[0].split(". ")[0] if text else type(e).__name__  # not the raw checksum bytes
         where = self.store.location
         return CorruptChunkError(
             f"{self.path}: chunk {unit} is corrupt ({reason}); run `featstore verify --repair {where}`, "
@@ -285,7 +287,7 @@ class FeatureArray:
     # ---- integrity --------------------------------------------------------------------------------------------
     def verify(self, repair: bool = False, progress: bool = False) -> VerifyReport:
         """Decode every done unit (the crc32c codec checks its checksum); list missing and corrupt units."""
-        from tqdm.auto import tqdm
+        from ._progress import tqdm
 
         problems = []
         fp = self.fingerprint
@@ -399,7 +401,7 @@ class FeatureStore:
         return out
 
     def get(self, feature: str, subj: str, split: str) -> FeatureArray:
-        path = array_path(feature, subj, split)
+        path = array_path(feature, normalize_subj(subj) if str(subj).isdigit() else subj, split)
         try:
             with zarr.config.set(_WRITE_CONFIG):  # captured when the array is opened (zarr >= 3.1.3)
                 arr = zarr.open_array(self.zstore, path=path, mode="r" if self.read_only else "a")
