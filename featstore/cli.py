@@ -373,6 +373,8 @@ def setup_logging() -> None:
     distributed, zarr) only from WARNING up, so their INFO chatter stays out of the terminal."""
     logging.basicConfig(level=logging.WARNING, format="featstore: %(levelname)s: %(message)s")
     logging.getLogger("featstore").setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:  # distributed sets its own loggers to INFO: filter at the handler
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.split(".")[0] == "featstore")
 
 
 def _on_sigterm(signum, frame):

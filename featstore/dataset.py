@@ -2,10 +2,12 @@
 
 Item i is the legacy `torch.reshape(img[1:, :], (H, W, C)).permute(2, 0, 1)` of sample `indices[i]`, as float32,
 with the grid (H, W) read from the array's token layout. Like the legacy tensor it is a permuted view of an
-(H, W, C) buffer: no per-sample transpose; `default_collate` makes the batch contiguous in its one copy.
+(H, W, C) buffer: no per-sample transpose; `default_collate` makes the batch contiguous in its one copy (a
+transpose; `featstore.encoding.channels_last_collate` stacks the (H, W, C) buffers instead, a plain copy).
 
-Construction reads metadata only (array zarr.json, one listing of the completion record, and the small saved
-statistics for `normalize`), so its cost does not depend on N. Samples in chunks that were not written yet
+Construction reads metadata only (array zarr.json, one listing of the completion record, the small saved
+statistics for `normalize`; with data_dir also one listing of the split's image folder, to check it holds the
+stored images), so apart from that listing its cost does not depend on N. Samples in chunks that were not written yet
 raise IncompleteArrayError when asked for (never zeros), so a dataset over a partly extracted array still serves
 the finished part.
 

@@ -74,13 +74,13 @@ def extract_on_cluster(subject: Subject, subj: str, output_dir: str | Path, cfg:
                 for fa in arrays:
                     stack.enter_context(fa.lock(share))
             client = stack.enter_context(_client(scheduler, workers, gpu=cfg.device.startswith("cuda")))
-            computed, finished = _run_tasks(client, fs, cfg, jobs, share, t0, finished)
+            computed, finished = _run_tasks(client, fs, cfg, jobs, share, finished)
     for job, arrays, _ in jobs:
         result.splits.extend(job.summaries(arrays, computed, finished[job.split] - t0))
     return result
 
 
-def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, t0: float, finished: dict):
+def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, finished: dict):
     """Submit one task per range, follow them in one bar (rows), collect the rows computed per array."""
     import distributed
 
@@ -103,7 +103,7 @@ def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, t0: fl
             meta[fut.key] = (job.split, units, rows)
     computed: dict[str, int] = {}
     bar = tqdm(total=sum(m[2] for m in meta.values()), desc=f"{jobs[0][0].subj}: {len(futures)} tasks on "
-               f"{n_workers} workers", unit="img", disable=None if cfg.progress else True, smoothing=0.1)
+               f"{n_workers} workers", unit="img", disable=not cfg.progress, smoothing=0.1)
     try:
         for fut in distributed.as_completed(futures):
             split, units, rows = meta[fut.key]
@@ -145,13 +145,17 @@ def _client(scheduler: str | None, workers: int | None, gpu: bool) -> Iterator[A
             "--workers/--scheduler need dask.distributed, which is not installed: pip install 'featstore[distributed]'"
         ) from None
     if workers is not None:
-        # non-daemonic workers may start their own image-decoding DataLoader workers (--num_workers)
-        with dask.config.set({"distributed.worker.daemon": False}), distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.CRITICAL, resources={"GPU": 1} if gpu else None,
-        ) as cluster, distributed.Client(cluster) as client:
-            client.wait_for_workers(workers)
-            yield client
+        nanny = logging.getLogger("distributed.nanny")
+        nanny.addFilter(_slow_exit)
+        try:  # non-daemonic workers may start their own image-decoding DataLoader workers (--num_workers)
+            with dask.config.set({"distributed.worker.daemon": False}), distributed.LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.CRITICAL, resources={"GPU": 1} if gpu else None,
+            ) as cluster, distributed.Client(cluster) as client:
+                client.wait_for_workers(workers)
+                yield client
+        finally:
+            nanny.removeFilter(_slow_exit)
         return
     try:
         client = distributed.Client(scheduler, timeout="10s")
@@ -159,6 +163,12 @@ def _client(scheduler: str | None, workers: int | None, gpu: bool) -> Iterator[A
         raise BadArgumentError(f"cannot connect to the dask scheduler at {scheduler}: {_one_line(e)}") from None
     with client:
         yield client
+
+
+def _slow_exit(record: logging.LogRecord) -> bool:
+    """Drop the nanny's 'still alive after 4 s, killing' at close: a worker with torch loaded takes that long to
+    exit on a busy machine, after its work is done and written; the kill is harmless."""
+    return "still alive after" not in record.getMessage()
 
 
 # ---- on the workers ------------------------------------------------------------------------------------------------
@@ -178,6 +188,10 @@ def _fill_range(source, storage_options, cfg: ExtractConfig, subj: str, split: s
             cfg = replace(cfg, num_workers=0)
         fs = FeatureStore(source, mode="a", storage_options=storage_options)
         job = SplitJob(fs, bb, cfg, subj, split, paths, share)
+        if "fork" in multiprocessing.get_all_start_methods():
+            # dask workers default to spawn, which would import torch in every loader worker of every task; the
+            # loader workers only decode images, with one torch thread (set by torch), so fork is safe and instant
+            job.loader_context = "fork"
         arrays = []
         for feature, uid in spec:
             fa = fs.get(feature, subj, split)

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -410,6 +411,8 @@ def _open_for_plan(output_dir: str | Path, cfg: ExtractConfig) -> FeatureStore |
 class SplitJob:
     """One split of one subject: its arrays (one per backbone output), what each lacks, and the run that fills it."""
 
+    loader_context: str | None = None  # start method of the image-decoding workers (None: torch's default)
+
     def __init__(self, fs: FeatureStore | None, bb: Backbone, cfg: ExtractConfig, subj: str, split: str,
                  paths: list[Path], share: tuple[int, int]):
         self.fs, self.bb, self.cfg, self.subj, self.split, self.paths, self.share = fs, bb, cfg, subj, split, paths, share
@@ -542,6 +545,7 @@ class SplitJob:
             batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=_collate,
             pin_memory=dev.type == "cuda", prefetch_factor=2 if cfg.num_workers > 0 else None,
             worker_init_fn=_quiet_worker if cfg.num_workers > 0 else None,
+            multiprocessing_context=self.loader_context if cfg.num_workers > 0 else None,
         )
         tdtype = torch.float16 if cfg.dtype == "float16" else torch.float32
         assemblers = {fa.path: ChunkAssembler(fa, todo[fa.path]) for fa in arrays}
@@ -603,3 +607,14 @@ def _has_inf(y: torch.Tensor) -> bool:
 
 
 __all__ = ["ExtractConfig", "ExtractResult", "PlannedArray", "SplitSummary", "extract", "is_url"]
+
+
+class _CallableModule(types.ModuleType):
+    """`featstore.extract` is both this module and the function: importing the submodule (e.g. through
+    featstore.distributed) rebinds the package attribute to the module, so the module calls the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ExtractResult:
+        return extract(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

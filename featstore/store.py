@@ -372,7 +372,7 @@ class FeatureStore:
                 raise StoreError(f"{self.location}: cannot open as a Zarr group ({_one_line(e)})") from None
         else:
             try:
-                self.root = zarr.open_group(self.zstore, mode="a")
+                self.root = _open_group(self.zstore, "")
             except Exception as e:  # noqa: BLE001 - e.g. /proc, a read-only mount, a bucket that refuses writes
                 raise StoreError(f"--output_dir {self.location}: cannot create a Zarr store there ({_one_line(e)})") from None
 
@@ -456,7 +456,7 @@ class FeatureStore:
             "coordinates": f"{split}_nsd_id",  # CF/xarray: the NSD ids label the images too
         })
         for parent in (feature, f"{feature}/{subj}"):
-            zarr.open_group(self.zstore, path=parent, mode="a")
+            _open_group(self.zstore, parent)
         key = f"{path}/zarr.json"
         if _chunkio.run(self.zstore.exists(key)):
             existing = self.get(feature, subj, split)
@@ -492,14 +492,18 @@ class FeatureStore:
         """Image names and NSD ids beside the array, so xarray labels the images (idempotent, identical content)."""
         if not names or _chunkio.run(self.zstore.exists(f"{group}/{split}_nsd_id/zarr.json")):
             return
-        g = zarr.open_group(self.zstore, path=group, mode="a")
+        g = _open_group(self.zstore, group)
         dims = (image_dim(split),)
-        img = g.create_array(f"{split}_image", shape=(len(names),), dtype=str, dimension_names=dims,
-                             overwrite=True, compressors=None)
-        img[:] = np.array(names, dtype=object)
-        ids = g.create_array(f"{split}_nsd_id", shape=(len(names),), dtype="int64", fill_value=-1,
-                             dimension_names=dims, overwrite=True, compressors=None)
-        ids[:] = nsd_ids(names)
+        try:  # concurrent writers (--shard) write the same content; whoever loses the race to create them is fine
+            img = g.create_array(f"{split}_image", shape=(len(names),), dtype=str, dimension_names=dims,
+                                 overwrite=True, compressors=None)
+            img[:] = np.array(names, dtype=object)
+            ids = g.create_array(f"{split}_nsd_id", shape=(len(names),), dtype="int64", fill_value=-1,
+                                 dimension_names=dims, overwrite=True, compressors=None)
+            ids[:] = nsd_ids(names)
+        except Exception:
+            if not _chunkio.run(self.zstore.exists(f"{group}/{split}_nsd_id/zarr.json")):
+                raise
 
     def delete(self, path: str) -> None:
         """Drop an array: its completion record first, so a crash midway never leaves done markers behind."""
@@ -531,6 +535,14 @@ class FeatureStore:
         out: dict[str, Any] = {name: a[...] for name, a in g.arrays()}
         out["attrs"] = attrs
         return out
+
+
+def _open_group(store: zarr.abc.store.Store, path: str) -> zarr.Group:
+    """open_group(mode="a"), tolerating a concurrent process that created the group a moment earlier."""
+    try:
+        return zarr.open_group(store, path=path, mode="a")
+    except Exception:  # noqa: BLE001 - ContainsGroupError from the race; a real problem raises again below
+        return zarr.open_group(store, path=path, mode="r+")
 
 
 def is_url(root: Any) -> bool:

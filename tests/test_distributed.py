@@ -1,7 +1,7 @@
 """Distributed extraction (issue 13): a real dask LocalCluster of 2 worker processes fills the arrays.
 
-One cluster for the module (created by featstore's own `_client`, workers forked from this process so they start
-without importing torch again); tests pass its address as `scheduler=`, as `--scheduler ADDRESS` does.
+One cluster for the module (created by featstore's own `_client`); tests pass its address as `scheduler=`, as
+`--scheduler ADDRESS` does.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from distributed import get_task_stream
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.utils import get_mp_context
 
 import featstore.distributed as fdist
-from featstore.backbones import get_backbone
 from featstore.errors import BadArgumentError
 from featstore.extract import extract
 from featstore.sample import make_sample_subject
@@ -33,9 +33,13 @@ def subj(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client():
-    get_backbone("dinov2_q", arch="tiny", weights="random")  # import timm here: forked workers inherit it (~10 s)
-    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}), fdist._client(None, 2, gpu=False) as c:
-        yield c
+    """Workers come from a forkserver that imported torch, timm and featstore once (spawned workers would import
+    them each, ~10 s apiece here, again for the restarted one). Not plain fork: this process has run OpenMP
+    (torch) by now, and a forked child that runs OpenMP hangs."""
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        get_mp_context().set_forkserver_preload(["distributed", "featstore.distributed", "timm"])  # after dask's
+        with fdist._client(None, 2, gpu=False) as c:
+            yield c
 
 
 def _read_all(store, split: str, **kw) -> np.ndarray:

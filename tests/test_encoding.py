@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
+from torch.utils.data import default_collate
 
 from featstore import FeatureDataset, extract, make_sample_subject
 from featstore.encoding import (
@@ -24,6 +25,7 @@ from featstore.encoding import (
     LinearBrainEncoder,
     TrainConfig,
     TransformerBrainEncoder,
+    channels_last_collate,
     load_rois,
     make_readout,
     pearson_r,
@@ -121,8 +123,8 @@ def test_training_never_reads_the_array_whole(data, monkeypatch):
     calls = []
     orig = store_module.FeatureArray.read_sample
     monkeypatch.setattr(store_module.FeatureArray, "read_sample", lambda self, j: calls.append(j) or orig(self, j))
-    res = train_encoder(config(data, "transformer", epochs=1))
-    assert np.isfinite(res.metrics["mean_r"])
+    res = train_encoder(config(data, "transformer", epochs=1, subj=1))
+    assert np.isfinite(res.metrics["mean_r"]) and res.metrics["subj"] == "01"
     assert len(calls) == 90 + 30 + 30 + N_TEST  # one epoch of training, validation twice, the test split once
 
 
@@ -249,6 +251,23 @@ def test_transformer_reads_each_query_out_to_its_roi(data):
     assert out["lh_f_pred"].shape == (3, VERTICES[0]) and out["rh_f_pred"].shape == (3, VERTICES[1])
     vox = TransformerBrainEncoder(48, make_readout("voxels", {"lh": 5, "rh": 4}), EncoderConfig(**SMALL))
     assert vox.query_embed.num_embeddings == 9 and vox(x)["rh_f_pred"].shape == (3, 4)
+
+
+def test_channels_last_batches_equal_default_collate_without_a_transpose(data):
+    ds = FeatureDataset(data["store"], data_dir=data["subj"], indices=[4, 0, 7])
+    items = [ds[i] for i in range(3)]
+    x, y = channels_last_collate(items)
+    ref_x, ref_y = default_collate(items)
+    assert torch.equal(x, ref_x) and x.is_contiguous(memory_format=torch.channels_last)
+    assert x.permute(0, 2, 3, 1).is_contiguous() and all(torch.equal(y[k], ref_y[k]) for k in ref_y)
+    assert torch.equal(channels_last_collate([img for img, _ in items]), ref_x)
+    ro = make_readout("rois_all", {"lh": VERTICES[0], "rh": VERTICES[1]}, load_rois(data["subj"]))
+    torch.manual_seed(0)
+    for model in (TransformerBrainEncoder(ds.channels, ro, EncoderConfig(**SMALL)),
+                  LinearBrainEncoder(ds.channels, ds.grid, ro.n_vertices)):
+        with torch.no_grad():
+            a, b = model.eval()(x), model(ref_x.contiguous())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # the same model for either layout
 
 
 def test_sine_position_encoding_is_detrs():

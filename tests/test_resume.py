@@ -57,10 +57,8 @@ def _done(store: Path, split: str = "train") -> int:
 # point, K, chunk, expected done chunks of `train` at the kill (None: depends on the writer thread's lag)
 CRASHES = [
     ("forward", 2, 1, None),
-    ("before_write", 2, 1, 4),  # one run of 4 chunks (batch 4) written before
     ("mid_write", 6, 1, 4),  # first run done; killed writing the 2nd chunk of the 2nd run
     ("after_write", 2, 1, 4),  # 2nd run's data written but not fsync'ed/marked: must not count
-    ("before_mark", 2, 1, 4),
     ("mid_mark", 6, 1, 6),  # 6 markers written: the 2nd run is half marked
     ("mid_write", 2, 3, 1),  # chunks of 3 samples (staged across batches): the 2nd chunk is torn
 ]
@@ -181,21 +179,21 @@ def _snapshot(store: Path):
 
 
 def test_changed_configuration_is_refused_and_changes_nothing(tmp_path):
+    from featstore.errors import FingerprintMismatchError
+
     subj = make_sample_subject(tmp_path / "d", n_train=4, n_test=0, seed=2)
     store = tmp_path / "s.zarr"
-    assert subprocess.run(_cli_args(subj, store), capture_output=True, timeout=300).returncode == 0
+    extract(subj, store, backbone="dinov2_q", **TINY)
     before = _snapshot(store)
-    r = subprocess.run(_cli_args(subj, store, "--seed", "1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "different configuration" in r.stderr and "weights" in r.stderr, r.stderr
-    assert "--overwrite" in r.stderr
+    with pytest.raises(FingerprintMismatchError, match="different configuration.*weights.*--overwrite"):
+        extract(subj, store, backbone="dinov2_q", seed=1, **TINY)
     shutil.copy(next((subj / "training_split/training_images").glob("*.png")),
                 subj / "training_split/training_images/zz-extra.png")
     r = subprocess.run(_cli_args(subj, store), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "image list: stored 4 images vs now 5" in r.stderr, r.stderr
     assert _snapshot(store) == before
-    r = subprocess.run(_cli_args(subj, store, "--overwrite"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "computed 5" in r.stdout, r.stderr
-    assert FeatureStore(store).get(*ARR).shape[0] == 5
+    res = extract(subj, store, backbone="dinov2_q", overwrite=True, **TINY)
+    assert res.splits[0].computed == 5 and FeatureStore(store).get(*ARR).shape[0] == 5
 
 
 def test_verify_detects_flipped_byte_and_repair_recomputes(subj, reference, tmp_path):

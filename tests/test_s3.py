@@ -70,14 +70,26 @@ def local(subj, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=[1, 4], ids=["plain", "pack4"])
-def made(request, s3_bucket, subj, local) -> Made:
-    pack = request.param
-    url = f"{s3_bucket}/made-pack{pack}-{uuid.uuid4().hex[:8]}.zarr"
-    args = ["extract", "--data_dir", str(subj), "--output_dir", url, "--arch", "tiny", "--weights", "random",
-            "--device", "cpu", "--num_workers", "0", "--batch_size", str(BATCH), "--pack", str(pack)]
-    r = subprocess.run([sys.executable, "-c", CRASH, *args], capture_output=True, text=True, timeout=300)
-    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+PACKS = [1, 4]
+
+
+@pytest.fixture(scope="module")
+def killed(s3_bucket, subj) -> dict[int, str]:
+    """Both killed CLI runs (plain and --pack 4), started together: their start-up (imports) overlaps."""
+    urls = {pack: f"{s3_bucket}/made-pack{pack}-{uuid.uuid4().hex[:8]}.zarr" for pack in PACKS}
+    procs = {pack: subprocess.Popen(
+        [sys.executable, "-c", CRASH, "extract", "--data_dir", str(subj), "--output_dir", url, "--arch", "tiny",
+         "--weights", "random", "--device", "cpu", "--num_workers", "0", "--batch_size", str(BATCH), "--pack",
+         str(pack)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pack, url in urls.items()}
+    for p in procs.values():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == -signal.SIGKILL, (p.returncode, err)
+    return urls
+
+
+@pytest.fixture(scope="module", params=PACKS, ids=["plain", "pack4"])
+def made(request, killed, subj, local) -> Made:
+    pack, url = request.param, killed[request.param]
     done = int(FeatureStore(url).get(*ARR).done_mask().sum())
     keys = s3_keys(url)
     resumed = extract(subj, url, backbone="dinov2_q", batch_size=BATCH, pack=pack, **TINY)

@@ -5,16 +5,22 @@
     python tools/benchmark.py --quick --json out.json        # smoke-test sizes, well under a minute
 
 Rows (names are stable; the JSON is a list of rows with at least name, ratio, target and a boolean meets):
-  write, write-bytes          store writer (float16, fsync on) fed a realistic float32 feature stream vs np.save
-  write-nofsync               the same without fsync
-  write-lossless(-bytes)      the same stored as float32
+  write                       store writer (float16, fsync on) fed a ViT-B-sized float32 stream vs np.save + fsync
+  write-nofsync               the same without fsync vs plain np.save (page cache only on both sides)
+  write-lossless              the float32 store writer (fsync on) vs np.save + fsync
+  write-bytes, -lossless-bytes bytes of a real extraction (tiny architecture, random weights; float16 / float32) vs
+                              the float32 npy of the same values
   extract                     a full `extract` (tiny backbone) vs its forward pass alone over the same images
   read, read-2workers         random-order samples: FeatureDataset vs np.load(mmap_mode="r") of the npy export
-  startup-time, startup-rss   FeatureDataset vs whole-file np.load of the npy at --startup-n samples (fresh processes)
-  startup-100                 start-up plus reading 100 random samples, same processes
+  startup-time, -rss, -100    FeatureDataset vs whole-file np.load of the npy at --startup-n samples (fresh processes);
+  startup-*-memmap            the same vs np.load(mmap_mode="r")
   stats                       featstore.feature_stats vs a plain full read of the array
-  resume                      images recomputed after a SIGKILL at ~50% of the chunks vs the images not marked done
+  resume                      a real extract SIGKILLed at a random point, then rerun: images recomputed (counted at the
+                              backbone) vs images not marked done at the kill, the resumed store vs an uninterrupted
+                              run, and the work lost at the kill (images computed but not marked done)
   resume-noop                 a rerun on a finished store vs the full extraction
+  layers                      4 layers of both DINOv2 variants (8 arrays) in one run vs one variant at one layer
+  layers-rss                  peak RSS (VmHWM) of an --enc_layer all run of both variants vs a single-output run
   train                       transformer brain encoder training steps fed from the store (FeatureDataset + DataLoader
                               workers) vs from an in-RAM tensor of the same data, same batches
 
@@ -27,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -94,7 +99,7 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
     FeatureArray.write_chunks. Returns (seconds, bytes of the array on disk)."""
     import torch
 
-    from featstore.extract import BackgroundWriter, ChunkAssembler, _has_inf
+    from featstore.extract import BackgroundWriter, ChunkAssembler, ExtractConfig, _has_inf
     from featstore.store import FeatureStore
 
     fs = FeatureStore(root, mode="a")
@@ -102,7 +107,7 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
     tdtype = getattr(torch, dtype)
     t0 = time.perf_counter()
     assembler = ChunkAssembler(fa, list(range(fa.nchunks)))
-    writer = BackgroundWriter(fa, durable)
+    writer = BackgroundWriter(durable, ExtractConfig.queue_mb << 20)  # extract's writer and its default queue bound
     try:
         for _, rows32 in stream(pool, n):
             with torch.inference_mode():
@@ -111,7 +116,7 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
                     raise RuntimeError("synthetic data overflowed float16")
                 rows = y.cpu().numpy()
             for first, data in assembler.add(rows):
-                writer.put(first, data)
+                writer.put(fa, first, data)
     finally:
         writer.close()
     writer.check()
@@ -159,8 +164,35 @@ def gbs(nbytes: int, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.2f} GB/s"
 
 
+def backbone_bytes(ctx) -> dict[str, tuple[int, int]]:
+    """{dtype: (bytes of the array on disk, bytes of the float32 .npy of the same values)} for a real extraction (tiny
+    architecture, random weights, the default codec) of the benchmark's images: what a codec finds depends on the
+    statistics of real activations, which synthetic noise does not have."""
+    from featstore.extract import extract
+    from featstore.store import FeatureStore
+
+    subj = ensure_subject(ctx)
+    out = {}
+    for dtype in ("float16", "float32"):
+        store, npy = ctx.dir / f"bytes-{dtype}.zarr", ctx.dir / "bytes.npy"
+        log(f"write-bytes: extracting {ctx.images} images with the tiny architecture, {dtype}")
+        extract(subj, store, backbone="dinov2_q", arch="tiny", weights="random", device="cpu", dtype=dtype,
+                batch_size=BATCH, num_workers=0, durable=False, progress=False)
+        fa = FeatureStore(store).get("dinov2_q_last", SUBJ, SPLIT)
+        np.save(npy, np.asarray(fa.read(0, fa.shape[0]), dtype=np.float32))
+        out[dtype] = (fa.nbytes_stored(), npy.stat().st_size)
+        ctx.backbone_shape = fa.shape
+        npy.unlink()
+        shutil.rmtree(store)
+    return out
+
+
 def rows_write(ctx) -> list[dict]:
-    """np.save of the float32 array vs the store writer fed the same rows; best of reps, interleaved."""
+    """The store writer fed a ViT-B-sized float32 stream vs np.save of the same array, like for like: the durable write
+    (fsync) vs np.save + fsync, the page-cache write vs plain np.save; best of reps, interleaved. Bytes are measured
+    on real backbone output."""
+    from featstore.store import DEFAULT_CODEC
+
     n, reps, d = ctx.n, ctx.reps, ctx.dir
     full = np.empty((n, T, C), np.float32)
     for a, rows in stream(ctx.pool, n):
@@ -172,47 +204,52 @@ def rows_write(ctx) -> list[dict]:
         "float16-nofsync": lambda: featstore_write(d / "w16n.zarr", ctx.pool, n, "float16", False),
         "float32": lambda: featstore_write(d / "w32.zarr", ctx.pool, n, "float32", True),
     }
-    best: dict[str, tuple[float, int]] = {}
-    save_fsync = []
+    best: dict[str, float] = {}
     for r in range(reps):
         for key, fn in configs.items():
             log(f"write: {key} ({n} x {T} x {C}, rep {r + 1}/{reps})")
-            s, size = fn()
-            if key == "np.save":
-                save_fsync.append(s + fsync_file(d / "w.npy"))
-            if key not in best or s < best[key][0]:
-                best[key] = (s, size)
+            s, _ = fn()
+            if key == "np.save":  # the same file, then made durable: np.save alone, and np.save + fsync
+                best["np.save+fsync"] = min(best.get("np.save+fsync", np.inf), s + fsync_file(d / "w.npy"))
+            best[key] = min(best.get(key, np.inf), s)
             for p in (d / "w.npy", d / "w16.zarr", d / "w16n.zarr", d / "w32.zarr"):
                 if p.is_dir():
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
-    ns, nsize = best["np.save"]
-    base = f"np.save {gbs(raw, ns)}"
+    nbytes = backbone_bytes(ctx)
+    ns, nsf = best["np.save"], best["np.save+fsync"]
+    base, base_sync = f"np.save {gbs(raw, ns)}", f"np.save + fsync {gbs(raw, nsf)}"
+    how = (f"input {raw / 1e9:.2f} GB float32 (synthetic ViT-B-like activations), N={n} chunks of 1 sample, codec "
+           f"{DEFAULT_CODEC!r}; featstore side = torch .to(dtype) + ChunkAssembler + BackgroundWriter + write_chunks")
+    tiny = "x".join(map(str, ctx.backbone_shape))
     out = []
-    note = (f"input {raw / 1e9:.2f} GB float32, N={n} chunks of 1 sample; np.save writes to the page cache "
-            f"(np.save + fsync: {gbs(raw, min(save_fsync))}); featstore side = torch .to(dtype) + ChunkAssembler + "
-            "BackgroundWriter + write_chunks")
-    s16, b16 = best["float16"]
-    out.append(row("write", ns / s16, ">= 1.0x np.save throughput", ns / s16 >= 1.0, f"{gbs(raw, s16)} (float16, fsync)",
-                   base, note, featstore_gbs=raw / s16 / 1e9, baseline_gbs=raw / ns / 1e9))
-    out.append(row("write-bytes", b16 / nsize, "<= 0.5x npy bytes", b16 / nsize <= 0.5, f"{b16 / 1e6:.0f} MB (float16)",
-                   f"npy {nsize / 1e6:.0f} MB",
-                   f"{b16 / nsize:.5f}x: bytes on disk of the whole array (chunk files, zarr.json, done markers); the "
-                   "default blosc lz4 + shuffle finds nothing to compress in float16 activations (high byte ~6 bits of "
-                   "entropy, low byte ~8: only an entropy coder such as zstd gains, ~0.44x, at half the read speed)",
-                   featstore_bytes=b16, baseline_bytes=nsize))
-    s, _ = best["float16-nofsync"]
+    s16 = best["float16"]
+    out.append(row("write", nsf / s16, ">= 1.0x np.save + fsync throughput", nsf / s16 >= 1.0,
+                   f"{gbs(raw, s16)} (float16, fsync)", base_sync,
+                   f"{how}; both sides durable (fsync of every chunk file and folder; np.save + one fsync of the "
+                   f"file); against plain np.save, which only fills the page cache: {ns / s16:.3g}x",
+                   featstore_gbs=raw / s16 / 1e9, baseline_gbs=raw / nsf / 1e9))
+    b16, npy16 = nbytes["float16"]
+    out.append(row("write-bytes", b16 / npy16, "<= 0.5x npy bytes", b16 / npy16 <= 0.5, f"{b16 / 1e6:.1f} MB (float16)",
+                   f"npy {npy16 / 1e6:.1f} MB (float32)",
+                   f"{b16 / npy16:.5f}x, on backbone output: extract() of the {ctx.images} images (tiny architecture, "
+                   f"random weights, dinov2_q, {tiny}) with codec {DEFAULT_CODEC!r} vs np.save of the same values as "
+                   "float32; bytes on disk of the whole array (chunk files with their crc32c, zarr.json, done markers)",
+                   featstore_bytes=b16, baseline_bytes=npy16))
+    s = best["float16-nofsync"]
     out.append(row("write-nofsync", ns / s, ">= 1.0x np.save throughput", ns / s >= 1.0,
-                   f"{gbs(raw, s)} (float16, --no_fsync)", base, "same as write without fsync before the done markers",
+                   f"{gbs(raw, s)} (float16, --no_fsync)", base,
+                   "as write, neither side fsyncs (featstore: --no_fsync, done markers without fsync)",
                    featstore_gbs=raw / s / 1e9, baseline_gbs=raw / ns / 1e9))
-    s32, b32 = best["float32"]
-    out.append(row("write-lossless", ns / s32, ">= 1.0x np.save throughput", ns / s32 >= 1.0,
-                   f"{gbs(raw, s32)} (float32, fsync)", base, "--dtype float32: bit-exact copy of the input",
-                   featstore_gbs=raw / s32 / 1e9, baseline_gbs=raw / ns / 1e9))
-    out.append(row("write-lossless-bytes", b32 / nsize, "<= 1.0x npy bytes", b32 / nsize <= 1.0,
-                   f"{b32 / 1e6:.0f} MB (float32)", f"npy {nsize / 1e6:.0f} MB", "", featstore_bytes=b32,
-                   baseline_bytes=nsize))
+    s32 = best["float32"]
+    out.append(row("write-lossless", nsf / s32, ">= 1.0x np.save + fsync throughput", nsf / s32 >= 1.0,
+                   f"{gbs(raw, s32)} (float32, fsync)", base_sync, "--dtype float32 (bit-exact copy of the input); "
+                   "both sides durable", featstore_gbs=raw / s32 / 1e9, baseline_gbs=raw / nsf / 1e9))
+    b32, npy32 = nbytes["float32"]
+    out.append(row("write-lossless-bytes", b32 / npy32, "<= 1.0x npy bytes", b32 / npy32 <= 1.0,
+                   f"{b32 / 1e6:.1f} MB (float32)", f"npy {npy32 / 1e6:.1f} MB (float32)",
+                   "as write-bytes, extracted with --dtype float32", featstore_bytes=b32, baseline_bytes=npy32))
     return out
 
 
@@ -353,12 +390,56 @@ def _peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024)
 
 
+def _tiny_depth(depth: int | None) -> None:
+    """A tiny DINOv2 with `depth` blocks (the test architecture has 3; the layers row asks for L = 4)."""
+    if depth:
+        from featstore.backbones import dinov2
+
+        dinov2.TINY = {**dinov2.TINY, "depth": int(depth)}
+
+
+def run_extract_child(mode: str, a: dict) -> dict:
+    """Child modes that run extract() as `featstore extract` does (2 loader workers, float16, fsync, default codec)."""
+    from featstore import get_backbone
+    from featstore.extract import extract
+
+    opts = {"device": "cpu", "batch_size": a.get("batch", BATCH), "num_workers": a.get("workers", 2), "progress": False}
+    _tiny_depth(a.get("depth"))
+    if mode == "resume-run":  # counts the images each forward pass computed, in a file that survives a SIGKILL
+        bb = get_backbone("dinov2_q", arch="tiny", weights="random", seed=0)
+        forward = bb.forward_features
+        with open(a["counter"], "a") as counter:
+            def counted(x):
+                ys = forward(x)
+                counter.write(f"{len(x)}\n")
+                counter.flush()
+                return ys
+
+            bb.forward_features = counted
+            t0 = time.perf_counter()
+            res = extract(a["subj"], a["store"], backbone=bb, **opts)
+            out = {"seconds": time.perf_counter() - t0, "computed": sum(x.computed for x in res.splits)}
+        if a.get("noop"):  # then a rerun on the finished store, in the same warm process (saves an interpreter)
+            t0 = time.perf_counter()
+            res = extract(a["subj"], a["store"], backbone=bb, **opts)
+            out["noop"] = {"seconds": time.perf_counter() - t0, "computed": sum(x.computed for x in res.splits)}
+        return out
+    if mode == "extract-rss":  # one run, then this process's own peak RSS (VmHWM)
+        t0 = time.perf_counter()
+        res = extract(a["subj"], a["store"], backbone=a["backbone"], enc_layer=a["enc_layer"], arch=a["arch"],
+                      weights="random", **opts)
+        return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(), "arrays": len(res.splits),
+                "bytes": sum(s.bytes_on_disk for s in res.splits)}
+    raise SystemExit(f"unknown child mode {mode}")
+
+
 def run_child(mode: str, a: dict) -> dict:
     import torch
 
-    from featstore import extract, get_backbone
+    from featstore import get_backbone
+    from featstore.extract import extract
 
-    if mode in ("startup-featstore", "startup-legacy"):
+    if mode in ("startup-featstore", "startup-legacy", "startup-memmap"):
         from featstore.dataset import FeatureDataset  # both sides: the same imports before the clock starts
 
         base_rss = _peak_rss_mb()
@@ -366,8 +447,8 @@ def run_child(mode: str, a: dict) -> dict:
         if mode == "startup-featstore":
             ds = FeatureDataset(a["store"], FEATURE, SUBJ, SPLIT)
             get = ds.__getitem__
-        else:
-            fts = np.load(a["npy"])  # the legacy way: the whole array in memory
+        else:  # the legacy ways: the whole array in memory, or mapped (pages read on first touch)
+            fts = np.load(a["npy"], mmap_mode="r" if mode == "startup-memmap" else None)
 
             def get(idx):
                 img = torch.tensor(fts[idx])
@@ -379,18 +460,14 @@ def run_child(mode: str, a: dict) -> dict:
         assert x.shape == (C, *GRID)
         t2 = time.perf_counter()
         return {"build_s": t1 - t0, "first100_s": t2 - t0, "peak_rss_mb": _peak_rss_mb(), "import_rss_mb": base_rss}
+    if mode in ("resume-run", "extract-rss"):
+        return run_extract_child(mode, a)
     bb = get_backbone("dinov2_q", arch="tiny", weights="random", seed=0)
     from PIL import Image
 
     from featstore.layout import read_subject
 
     paths = read_subject(Path(a["subj"])).images["train"]
-    if mode == "noop":
-        with Image.open(paths[0]) as im, torch.inference_mode():
-            bb(bb.preprocess(im)[None])  # warm-up
-        t0 = time.perf_counter()
-        res = extract(a["subj"], a["store"], backbone=bb, device="cpu", batch_size=a["batch"], progress=False)
-        return {"seconds": time.perf_counter() - t0, "computed": sum(x.computed for x in res.splits)}
     if mode == "extract":  # forward only (torch's default threads, and 1 thread), then the full extract
         xs = []
         for p in paths:
@@ -456,11 +533,16 @@ def rows_extract(ctx) -> list[dict]:
 
 
 def rows_startup(ctx) -> list[dict]:
-    targets = (">= 100x faster start-up", "<= 0.1x peak RSS", "> 1x (informational)")
+    """FeatureDataset vs the two legacy ways to open the npy: a whole-file np.load, and np.load(mmap_mode="r"), which
+    starts as fast as anything can; each in a fresh process, after the same imports, interleaved."""
+    names = ("startup-time", "startup-rss", "startup-100", "startup-time-memmap", "startup-rss-memmap",
+             "startup-100-memmap")
+    targets = (">= 100x faster start-up", "<= 0.1x peak RSS", "> 1x (informational)", ">= 1x (informational)",
+               "<= 1x (informational)", "> 1x (informational)")
     try:
         import featstore.dataset  # noqa: F401
     except Exception as e:  # noqa: BLE001
-        return [unavailable(k, t, f"featstore.dataset: {e}") for k, t in zip(("startup-time", "startup-rss", "startup-100"), targets)]
+        return [unavailable(k, t, f"featstore.dataset: {e}") for k, t in zip(names, targets)]
     n = ctx.startup_n
     store, npy = ctx.dir / "startup.zarr", ctx.dir / "startup.npy"
     log(f"startup: writing a {n}-sample float16 store ({n * T * C * 2 / 1e9:.1f} GB) and a float32 npy "
@@ -474,45 +556,55 @@ def rows_startup(ctx) -> list[dict]:
     res: dict[str, dict] = {}
     reps = min(ctx.reps, 2)
     for r in range(reps):
-        for side in ("legacy", "featstore"):
+        for side in ("legacy", "memmap", "featstore"):
             log(f"startup: {side} in a fresh process (rep {r + 1}/{reps})")
             x = child(f"startup-{side}", {"store": str(store), "npy": str(npy), "n": n})
             old = res.get(side)
             res[side] = x if old is None else {k: min(old[k], x[k]) for k in x}
     shutil.rmtree(store)
     npy.unlink()
-    fs, lg = res["featstore"], res["legacy"]
-    cache = "npy in the page cache (just written; warm is the legacy way's best case)"
-    out = [
-        row("startup-time", lg["build_s"] / fs["build_s"], targets[0], lg["build_s"] / fs["build_s"] >= 100,
-            f"FeatureDataset() {fs['build_s'] * 1e3:.1f} ms", f"np.load {lg['build_s'] * 1e3:.0f} ms",
-            f"N={n}, fresh process each, after the same imports; {cache}", featstore_s=fs["build_s"],
-            baseline_s=lg["build_s"]),
-        row("startup-rss", fs["peak_rss_mb"] / lg["peak_rss_mb"], targets[1], fs["peak_rss_mb"] / lg["peak_rss_mb"] <= 0.1,
-            f"{fs['peak_rss_mb']:.0f} MB", f"{lg['peak_rss_mb']:.0f} MB",
-            f"peak RSS of the whole process after reading 100 samples (imports alone: {fs['import_rss_mb']:.0f} MB)",
-            featstore_mb=fs["peak_rss_mb"], baseline_mb=lg["peak_rss_mb"]),
-        row("startup-100", lg["first100_s"] / fs["first100_s"], targets[2], lg["first100_s"] / fs["first100_s"] > 1,
-            f"{fs['first100_s']:.2f} s", f"{lg['first100_s']:.2f} s",
-            "start-up plus 100 random samples as (768, 31, 31) float32 tensors (first reads in a fresh process cost "
-            "~4 ms a sample on both sides); no target in the issue",
-            featstore_s=fs["first100_s"], baseline_s=lg["first100_s"]),
-    ]
+    fs = res["featstore"]
+    cache = "npy in the page cache (just written: the legacy ways' best case)"
+    out = []
+    for suffix, side, label, (t_time, t_rss, t_100) in (("", "legacy", "np.load", targets[:3]),
+                                                         ("-memmap", "memmap", "memmap", targets[3:])):
+        lg = res[side]
+        speed, first = lg["build_s"] / fs["build_s"], lg["first100_s"] / fs["first100_s"]
+        rss = fs["peak_rss_mb"] / lg["peak_rss_mb"]
+        out += [
+            row(f"startup-time{suffix}", speed, t_time, speed >= (100 if side == "legacy" else 1),
+                f"FeatureDataset() {fs['build_s'] * 1e3:.1f} ms", f"{label} {lg['build_s'] * 1e3:.1f} ms",
+                f"N={n}, fresh process each, after the same imports; {cache}", featstore_s=fs["build_s"],
+                baseline_s=lg["build_s"]),
+            row(f"startup-rss{suffix}", rss, t_rss, rss <= (0.1 if side == "legacy" else 1),
+                f"{fs['peak_rss_mb']:.0f} MB", f"{label} {lg['peak_rss_mb']:.0f} MB",
+                "peak RSS (VmHWM) of the whole process after reading 100 samples; a memmap's touched pages count "
+                f"(imports alone: {fs['import_rss_mb']:.0f} MB)", featstore_mb=fs["peak_rss_mb"],
+                baseline_mb=lg["peak_rss_mb"]),
+            row(f"startup-100{suffix}", first, t_100, first > 1, f"{fs['first100_s']:.2f} s",
+                f"{label} {lg['first100_s']:.2f} s",
+                "start-up plus 100 random samples as (768, 31, 31) float32 tensors; no target in the issue",
+                featstore_s=fs["first100_s"], baseline_s=lg["first100_s"]),
+        ]
     return out
 
 
-def _extract_cmd(subj: Path, store: Path) -> list[str]:
-    return [sys.executable, "-m", "featstore.cli", "extract", "--data_dir", str(subj), "--output_dir", str(store),
-            "--arch", "tiny", "--weights", "random", "--device", "cpu", "--batch_size", str(BATCH)]
-
-
 def rows_resume(ctx) -> list[dict]:
+    """A real extract process SIGKILLed at a random point, then rerun. What the rerun recomputes is counted at the
+    backbone (not taken from extract's own summary) and compared with the images not marked done at the kill: more
+    would mean finished work is done again. The resumed store must equal an uninterrupted run. The work lost at the
+    kill (images computed but not yet marked done) is reported."""
+    from featstore.extract import extract
     from featstore.store import FeatureStore
 
     subj = ensure_subject(ctx)
     n = ctx.images
-    store = ctx.dir / "resume.zarr"
-    shutil.rmtree(store, ignore_errors=True)
+    store, ref = ctx.dir / "resume.zarr", ctx.dir / "resume-ref.zarr"
+    counts = (ctx.dir / "resume-killed.count", ctx.dir / "resume-rerun.count")
+    for p in (store, ref):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in counts:
+        p.unlink(missing_ok=True)
     feature = "dinov2_q_last"
 
     def done() -> np.ndarray | None:
@@ -521,40 +613,58 @@ def rows_resume(ctx) -> list[dict]:
         except Exception:  # noqa: BLE001 - not created yet
             return None
 
-    log(f"resume: `featstore extract` on {n} images in a subprocess, SIGKILL at ~50% of the chunks")
-    p = subprocess.Popen(_extract_cmd(subj, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    seen = 0
-    while time.time() < deadline and p.poll() is None:
-        m = done()
-        if m is not None and m.sum() >= len(m) / 2:
-            seen = int(m.sum())
-            break
-        time.sleep(0.005)
-    p.send_signal(signal.SIGKILL)
-    _, err = p.communicate()
+    def forwarded(path: Path) -> int:
+        return sum(int(x) for x in path.read_text().split()) if path.exists() else 0
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = np.random.default_rng(seed)
+    k, delay = int(rng.integers(1, max(n - BATCH, 1) + 1)), float(rng.uniform(0, 0.02))
+    log(f"resume: extract on {n} images in a subprocess, SIGKILL {delay * 1e3:.0f} ms after {k} images were computed "
+        f"(random point, seed {seed})")
+    args = {"subj": str(subj), "store": str(store), "counter": str(counts[0])}
+    with open(ctx.dir / "resume-killed.err", "w") as err:
+        p = subprocess.Popen([sys.executable, str(HERE), "--child", "resume-run", json.dumps(args)],
+                             stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and p.poll() is None and forwarded(counts[0]) < k:
+            time.sleep(0.002)
+        time.sleep(delay)
+        finished = p.poll() is not None
+        if not finished:
+            os.killpg(p.pid, signal.SIGKILL)  # the loader workers too
+        p.wait()
+    if p.returncode not in (0, -signal.SIGKILL):
+        raise RuntimeError(f"the extract to kill failed: {(ctx.dir / 'resume-killed.err').read_text()[-500:]}")
     m = done()
     at_kill = int(m.sum()) if m is not None else 0
-    progress = [int(x) for x in re.findall(rf"(\d+)/{n} \[", err)]
-    log("resume: rerunning the same command")
-    t0 = time.perf_counter()
-    r = subprocess.run(_extract_cmd(subj, store), capture_output=True, text=True, timeout=1800)
-    rerun_s = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise RuntimeError(f"resume run failed: {r.stderr.strip().splitlines()[-1:]}")
-    computed = int(re.search(r"/train: .*?computed (\d+)", r.stdout).group(1))
-    todo = n - at_kill  # chunks of one sample
-    ratio = computed / todo if todo else float("nan")
-    log("resume: timing a rerun on the finished store")
-    noop = child("noop", {"subj": str(subj), "store": str(store), "batch": BATCH, "workers": 2})
+    computed_at_kill = forwarded(counts[0])
+    lost = computed_at_kill - at_kill
+    log("resume: rerunning the same extract, then once more on the finished store")
+    rerun = child("resume-run", {**args, "counter": str(counts[1]), "noop": True})
+    recomputed = forwarded(counts[1])
+    noop = rerun["noop"]
     assert noop["computed"] == 0, noop
+    log("resume: an uninterrupted extract for reference")
+    extract(subj, ref, backbone="dinov2_q", arch="tiny", weights="random", device="cpu", batch_size=BATCH,
+            num_workers=0, durable=False, progress=False)
+    a, b = FeatureStore(store).get(feature, SUBJ, SPLIT), FeatureStore(ref).get(feature, SUBJ, SPLIT)
+    same = a.is_complete() and np.array_equal(a.read(0, n), b.read(0, n), equal_nan=True)
     full = getattr(ctx, "extract_s", None)
     shutil.rmtree(store, ignore_errors=True)
-    lost = f"; the killed run had reported ~{max(progress)} images computed" if progress else ""
-    out = [row("resume", ratio, "<= 1.0x the images not marked done (nothing done is recomputed)", computed <= todo,
-               f"{computed} images recomputed", f"{todo} not marked done at the kill",
-               f"killed (SIGKILL) at {at_kill}/{n} chunks done (poll saw {seen}){lost}; rerun took {rerun_s:.1f} s "
-               "as a CLI subprocess", recomputed=computed, done_at_kill=at_kill, n=n)]
+    shutil.rmtree(ref, ignore_errors=True)
+    todo = n - at_kill  # chunks of one sample
+    ratio = recomputed / todo if todo else (0.0 if recomputed == 0 else float("inf"))
+    ok = recomputed <= todo and same
+    out = [row("resume", ratio, "<= 1.0x the images not marked done (nothing done is recomputed), same store",
+               ok, f"{recomputed} images recomputed, {lost} lost", f"{todo} not marked done at the kill",
+               f"SIGKILL (process group) at a random point (seed {seed}): {delay * 1e3:.0f} ms after the backbone "
+               f"had computed >= {k} of {n} images{' (the run had finished first)' if finished else ''}; at the kill "
+               f"{computed_at_kill} images were computed and {at_kill} marked done, so {lost} computed images were "
+               f"lost (the writer's backlog; at most a batch of {BATCH} plus the queue); the rerun recomputed "
+               f"{recomputed} (counted at the backbone; extract reported {rerun['computed']}), and the resumed store "
+               f"{'equals' if same else 'DIFFERS from'} an uninterrupted run; rerun {rerun['seconds']:.1f} s",
+               recomputed=recomputed, done_at_kill=at_kill, computed_at_kill=computed_at_kill, lost=lost,
+               identical=bool(same), killed=not finished, n=n, seed=seed)]
     if full:
         out.append(row("resume-noop", noop["seconds"] / full, "<= 0.05x the full extraction", noop["seconds"] / full <= 0.05,
                        f"{noop['seconds'] * 1e3:.0f} ms to find nothing to do", f"full extract {full:.2f} s",
@@ -565,6 +675,75 @@ def rows_resume(ctx) -> list[dict]:
                        f"{noop['seconds'] * 1e3:.0f} ms to find nothing to do", "full extract time unavailable",
                        "the extract row did not run", featstore_s=noop["seconds"]))
     return out
+
+
+# ---- many outputs from one forward pass (issue 12) ----------------------------------------------------------------
+LAYERS_DEPTH = 4  # a tiny DINOv2 with 4 blocks, so that L = 4 layers of both variants make 8 arrays
+
+
+def _layers_times(subj: Path, root: Path, reps: int) -> dict:
+    """Best seconds of extract() for one output and for 4 layers x 2 variants, same images and model, interleaved,
+    in this process (no interpreter start on either side)."""
+    from featstore import get_backbone
+    from featstore.backbones import dinov2
+    from featstore.extract import extract
+
+    tiny = dinov2.TINY
+    dinov2.TINY = {**tiny, "depth": LAYERS_DEPTH}
+    try:
+        bbs = {"one": get_backbone("dinov2_q", layer=-1, arch="tiny", weights="random", seed=0),
+               "many": get_backbone("dinov2_q,dinov2", layer=f"0:{LAYERS_DEPTH}", arch="tiny", weights="random",
+                                    seed=0)}
+    finally:
+        dinov2.TINY = tiny
+    best = dict.fromkeys(bbs, np.inf)
+    for r in range(reps + 1):  # round 0 warms up (loader workers, allocator, page cache) and is not timed
+        for side, bb in bbs.items():
+            if r == 0 and side == "one":
+                continue
+            shutil.rmtree(root, ignore_errors=True)
+            t0 = time.perf_counter()
+            extract(subj, root, backbone=bb, device="cpu", batch_size=BATCH, progress=False)
+            if r:
+                best[side] = min(best[side], time.perf_counter() - t0)
+    shutil.rmtree(root, ignore_errors=True)
+    return {**best, "arrays": len(bbs["many"].outputs)}
+
+
+def rows_layers(ctx) -> list[dict]:
+    """L = 4 layers of both DINOv2 variants (8 arrays) in one run vs one variant at one layer, same images and model,
+    interleaved; and the peak RSS of an `--enc_layer all` run of both variants vs a single-output run,
+    each in a fresh process (VmHWM, so the parent's peak is not inherited)."""
+    subj = ensure_subject(ctx)
+    n = ctx.images
+    warm(sorted((subj / "training_split" / "training_images").iterdir()))
+    log(f"layers: 8 arrays vs 1, {n} images, tiny architecture with {LAYERS_DEPTH} blocks, best of {ctx.reps}")
+    t = _layers_times(subj, ctx.dir / "layers.zarr", ctx.reps)
+    ratio = t["many"] / t["one"]
+    rss = {}
+    for side, (backbone, layers) in (("one", ("dinov2_q", -1)), ("all", ("dinov2_q,dinov2", "all"))):
+        log(f"layers: peak RSS of {backbone} --enc_layer {layers} in a fresh process")
+        store = ctx.dir / f"rss-{side}.zarr"
+        rss[side] = child("extract-rss", {"subj": str(subj), "store": str(store), "backbone": backbone,
+                                          "enc_layer": layers, "arch": "tiny", "depth": LAYERS_DEPTH})
+        shutil.rmtree(store, ignore_errors=True)
+    r_all, r_one = rss["all"]["peak_rss_mb"], rss["one"]["peak_rss_mb"]
+    from featstore.extract import ExtractConfig
+
+    queue_mb = ExtractConfig.queue_mb  # the writer may hold this many MB of computed rows, however many arrays
+    return [
+        row("layers", ratio, "<= 1.5x the single-output time", ratio <= 1.5,
+            f"{t['many']:.2f} s ({t['arrays']} arrays)", f"{t['one']:.2f} s (1 array)",
+            f"{n} images, dinov2_q,dinov2 --enc_layer 0:{LAYERS_DEPTH} vs dinov2_q --enc_layer -1, tiny ViT with "
+            f"{LAYERS_DEPTH} blocks (width 48), random weights, extract() defaults (2 loader workers, float16, fsync); "
+            "one forward pass per batch either way, 8x the bytes written", featstore_s=t["many"], baseline_s=t["one"]),
+        row("layers-rss", r_all / r_one, f"<= the 1-output peak + {queue_mb} MB (the queue bound)",
+            r_all <= r_one + queue_mb, f"{r_all:.0f} MB ({rss['all']['arrays']} arrays)",
+            f"{r_one:.0f} MB (1 array)",
+            f"peak RSS (VmHWM) of the main process of a fresh extract (the 2 loader workers are processes of their "
+            f"own), {n} images, --enc_layer all of both variants vs one output; tiny architecture as in layers",
+            featstore_mb=r_all, baseline_mb=r_one),
+    ]
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
@@ -612,7 +791,7 @@ def rows_train(ctx) -> list[dict]:
         from torch.utils.data import DataLoader
 
         from featstore.dataset import FeatureDataset
-        from featstore.encoding import SubjectRois, make_readout
+        from featstore.encoding import SubjectRois, channels_last_collate, make_readout
         from featstore.sample import ROI_MAPPINGS, sample_rois
     except Exception as e:  # noqa: BLE001 - the encoding package may not be installed
         return [unavailable("train", target, f"featstore.encoding: {e}")]
@@ -623,7 +802,7 @@ def rows_train(ctx) -> list[dict]:
     readout = make_readout("rois_all", nv, rois)
     ds = FeatureDataset(store, FEATURE, SUBJ, SPLIT, data_dir=subj)
     log(f"train: an in-RAM float32 copy of the {n} samples ({n * C * GRID[0] * GRID[1] * 4 / 1e9:.2f} GB)")
-    ram = torch.stack([ds[i][0] for i in range(n)])
+    ram = channels_last_collate([ds[i][0] for i in range(n)])  # the batches' layout, so both sides compute alike
     targets = {f"{h}_f": torch.from_numpy(np.load(subj / "training_split" / "training_fmri" / f"{h}_training_fmri.npy"))
                for h in nv}
     order = [int(i) for i in np.random.default_rng(3).permutation(n)]
@@ -637,8 +816,8 @@ def rows_train(ctx) -> list[dict]:
     for r in range(ctx.reps):
         for side in ("store", "ram"):
             log(f"train: {side}, {n} samples in batches of {BATCH} (rep {r + 1}/{ctx.reps})")
-            batches = (DataLoader(ds, batch_size=BATCH, sampler=order, num_workers=2) if side == "store"
-                       else ram_batches())
+            batches = (DataLoader(ds, batch_size=BATCH, sampler=order, num_workers=2,
+                                  collate_fn=channels_last_collate) if side == "store" else ram_batches())
             s, k = _train_pass(batches, readout, seed=r)
             best[side] = min(best[side], s / max(k, 1))
     fs_rate, ram_rate = 1 / best["store"], 1 / best["ram"]
@@ -648,8 +827,8 @@ def rows_train(ctx) -> list[dict]:
                 f"TransformerBrainEncoder (hidden 32, 2 heads, rois_all readout, {readout.num_queries} queries, "
                 f"{TRAIN_VERTICES[0]}+{TRAIN_VERTICES[1]} vertices, {params} parameters) on (768, 31, 31) float32 "
                 f"inputs, AdamW + clipping, torch's default threads; store side: FeatureDataset(data_dir=...) + "
-                f"DataLoader(num_workers=2, batch_size={BATCH}); in-RAM side: index a preloaded tensor; steady "
-                "state after the first batch", featstore_rate=fs_rate, baseline_rate=ram_rate)]
+                f"DataLoader(num_workers=2, batch_size={BATCH}, channels-last collate, as train_encoder); in-RAM "
+                "side: index a preloaded channels-last tensor; steady state after the first batch", featstore_rate=fs_rate, baseline_rate=ram_rate)]
 
 
 def _model_params(readout):
@@ -663,9 +842,11 @@ GROUPS: list[tuple[str, tuple[str, ...], Callable]] = [
     ("write", ("write", "write-bytes", "write-nofsync", "write-lossless", "write-lossless-bytes"), rows_write),
     ("extract", ("extract",), rows_extract),
     ("read", ("read", "read-2workers"), rows_read),
-    ("startup", ("startup-time", "startup-rss", "startup-100"), rows_startup),
+    ("startup", ("startup-time", "startup-rss", "startup-100", "startup-time-memmap", "startup-rss-memmap",
+                 "startup-100-memmap"), rows_startup),
     ("stats", ("stats",), rows_stats),
     ("resume", ("resume", "resume-noop"), rows_resume),
+    ("layers", ("layers", "layers-rss"), rows_layers),
     ("train", ("train",), rows_train),
 ]
 ROW_NAMES = [name for _, names, _ in GROUPS for name in names]

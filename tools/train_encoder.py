@@ -11,12 +11,12 @@ checkpoint.pt (the best validation epoch) and the Algonauts submission files lh_
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from pathlib import Path
 
 from featstore.cli import ArgumentParser
-from featstore.errors import BadArgumentError, FeatstoreError, LayoutError
+from featstore.errors import FeatstoreError, LayoutError
+from featstore.layout import normalize_subj
 
 PROG = "train_encoder"
 
@@ -56,13 +56,6 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def subject_id(subj: str) -> str:
-    """--subj 1 (the guide's int) or 01 -> "01"."""
-    if not re.fullmatch(r"\d{1,2}", str(subj)) or int(subj) < 1:
-        raise BadArgumentError(f"--subj {subj!r}: give the subject number, e.g. 1 or 01")
-    return f"{int(subj):02d}"
-
-
 def subject_dir(data_dir: str, subj: str) -> Path:
     root = Path(data_dir)
     if (root / f"subj{subj}").is_dir():
@@ -79,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         from featstore.encoding.names import FEATURE_ALIASES
         from featstore.encoding.train import TrainConfig, train_encoder
 
-        subj = subject_id(args.subj)
+        subj = normalize_subj(args.subj)
         feature = FEATURE_ALIASES.get(args.saved_feats, args.saved_feats)
         out = args.output_path or f"checkpoints/subj{subj}_{feature}_{args.encoder_arch}_{args.readout_res}"
         model = EncoderConfig(

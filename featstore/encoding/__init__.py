@@ -30,6 +30,7 @@ _LAZY = {
     "EpochStats": "train",
     "PermutedTargets": "train",
     "TrainConfig": "train",
+    "channels_last_collate": "train",
     "predict": "train",
     "resolve_device": "train",
     "train_encoder": "train",

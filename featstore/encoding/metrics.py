@@ -58,9 +58,9 @@ def _json_safe(x):
         return None if not math.isfinite(float(x)) else float(x)
     if isinstance(x, np.integer):
         return int(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
+    if x is None or isinstance(x, (str, bool, int)):
+        return x
+    return str(x)  # paths, a FeatureStore passed as the store, ...
 
 
 def write_metrics(path: str | Path, metrics: dict) -> Path:

@@ -115,8 +115,9 @@ class DecoderLayer(nn.Module):
 class TransformerBrainEncoder(nn.Module):
     """Learned ROI queries cross-attend the feature grid; each query's output is read out to its ROI's vertices.
 
-    A 1x1 convolution projects the C feature channels to hidden_dim when they differ (DINOv2's 768 channels feed
-    the default hidden_dim directly). The readout is one linear layer per hemisphere (hidden_dim -> vertices)
+    A linear projection (a 1x1 convolution) maps the C feature channels to hidden_dim when they differ (DINOv2's
+    768 channels feed the default hidden_dim directly). It reads the grid as (B, H*W, C), a free view of
+    channels-last batches (`channels_last_collate`), so the loader need not transpose every sample. The readout is one linear layer per hemisphere (hidden_dim -> vertices)
     applied to each of that hemisphere's queries; the ROI masks then keep, for each vertex, the outputs of the
     queries of its ROIs (summed where ROIs overlap). With readout "voxels" query i reads out to vertex i only.
     """
@@ -126,7 +127,7 @@ class TransformerBrainEncoder(nn.Module):
         cfg = config.check()
         d = cfg.hidden_dim
         self.config, self.readout_res = cfg, readout.readout_res
-        self.input_proj = nn.Conv2d(channels, d, kernel_size=1) if channels != d else nn.Identity()
+        self.input_proj = nn.Linear(channels, d) if channels != d else nn.Identity()
         self.encoder = nn.ModuleList(
             EncoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout) for _ in range(cfg.enc_layers)
         )
@@ -152,8 +153,8 @@ class TransformerBrainEncoder(nn.Module):
         return self._pos[key].to(like.dtype)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        b, _, h, w = x.shape
-        memory = self.input_proj(x).flatten(2).transpose(1, 2)  # (B, H*W, D)
+        b, c, h, w = x.shape
+        memory = self.input_proj(x.permute(0, 2, 3, 1).reshape(b, h * w, c))  # (B, H*W, D); a view if channels-last
         pos = self.position_encoding(h, w, memory)[None]
         for layer in self.encoder:
             memory = layer(memory, pos)

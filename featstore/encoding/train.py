@@ -5,21 +5,22 @@ predictions in the Algonauts submission format."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from ..dataset import FeatureDataset, train_val_split
 from ..errors import BadArgumentError, NotFoundInStoreError
-from ..layout import SPLIT_DIRS
+from ..layout import SPLIT_DIRS, normalize_subj
 from .metrics import pearson_r, plot_roi_r, save_submission, summarize, write_metrics
 from .models import EncoderConfig, build_encoder
 from .names import FEATURE_ALIASES
@@ -35,7 +36,7 @@ class TrainConfig:
     store: str | Path
     data_dir: str | Path
     feature: str = "dinov2_q_last"
-    subj: str = "01"
+    subj: str | int = "01"  # 1, 01 and subj01 all name subject 01
     model: EncoderConfig = field(default_factory=EncoderConfig)
     output_path: str | Path | None = None  # metrics.json, roi_r.png, checkpoint.pt, {lh,rh}_pred_test.npy
     batch_size: int = 16
@@ -160,10 +161,32 @@ def predict(model: nn.Module, batches: Iterable, device: torch.device) -> tuple[
     return cat, ({h: np.concatenate(targets[h]) for h in HEMIS} if targets["lh"] else None)
 
 
+def channels_last_collate(batch: list):
+    """default_collate of (C, H, W) features into a channels-last (B, C, H, W) batch.
+
+    FeatureDataset items are (C, H, W) views of (H, W, C) buffers; default_collate would transpose every sample into
+    a contiguous NCHW batch (the dearest step of loading, more than decoding). Stacking the (H, W, C) buffers instead
+    is a plain copy, and the models read channels-last batches without a transpose either.
+    """
+    def hwc(img: torch.Tensor) -> torch.Tensor:
+        return img.permute(1, 2, 0)
+
+    if isinstance(batch[0], (tuple, list)):
+        x, y = default_collate([(hwc(item[0]), item[1]) for item in batch])
+        return x.permute(0, 3, 1, 2), y
+    return default_collate([hwc(img) for img in batch]).permute(0, 3, 1, 2)
+
+
 def _loader(ds: Dataset, cfg: TrainConfig, device: torch.device, shuffle: bool) -> DataLoader:
     gen = torch.Generator().manual_seed(cfg.seed) if shuffle else None
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.num_workers,
-                      persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda", generator=gen)
+    workers = min(cfg.num_workers, _cpus())
+    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=device.type == "cuda", generator=gen,
+                      collate_fn=channels_last_collate)
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _mean_r(r: dict[str, np.ndarray]) -> float:
@@ -176,11 +199,12 @@ def train_encoder(config: TrainConfig) -> EncodingResult:
     """Train, keep the best validation epoch, score it, predict the test split and write the files of the run."""
     cfg = config.check()
     feature = FEATURE_ALIASES.get(cfg.feature, cfg.feature)
+    subj = normalize_subj(cfg.subj)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     def dataset(split: str = "train", indices=None, data_dir=cfg.data_dir) -> FeatureDataset:
-        return FeatureDataset(cfg.store, feature, cfg.subj, split, indices=indices, data_dir=data_dir)
+        return FeatureDataset(cfg.store, feature, subj, split, indices=indices, data_dir=data_dir)
 
     full = dataset()
     try:  # built now (metadata only), so that a problem with it stops the run before training, not after
@@ -188,7 +212,7 @@ def train_encoder(config: TrainConfig) -> EncodingResult:
         test_ds = dataset("synt", data_dir=cfg.data_dir if has_test_images else None)
     except NotFoundInStoreError:
         test_ds = None
-        log.warning("%s has no %s/%s/synt array: no test predictions", cfg.store, feature, cfg.subj)
+        log.warning("%s has no %s/%s/synt array: no test predictions", cfg.store, feature, subj)
     train_idx, val_idx = train_val_split(len(full), cfg.val_fraction)
     if len(train_idx) < 1 or len(val_idx) < 2:
         raise BadArgumentError(f"{len(full)} training images give {len(val_idx)} for validation; at least 2 are needed")
@@ -203,9 +227,12 @@ def train_encoder(config: TrainConfig) -> EncodingResult:
         train_ds = PermutedTargets(train_ds, np.random.default_rng(cfg.seed).permutation(len(train_ds)))
     train_loader = _loader(train_ds, cfg, device, shuffle=True)
     val_loader = _loader(dataset(indices=val_idx), cfg, device, shuffle=False)
+    if cfg.num_workers > _cpus():
+        log.info("--num_workers %d: this machine has %d CPUs, so %d loader workers per DataLoader", cfg.num_workers,
+                 _cpus(), _cpus())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log.info("training %s/%s on %s: %d train, %d val images, %s readout with %d queries, %d parameters, on %s",
-             cfg.model.encoder_arch, feature, cfg.subj, len(train_idx), len(val_idx), cfg.model.readout_res,
+             cfg.model.encoder_arch, feature, subj, len(train_idx), len(val_idx), cfg.model.readout_res,
              readout.num_queries, sum(p.numel() for p in model.parameters()), device)
 
     history, best_r, best_epoch, best_state = [], -np.inf, 0, None
@@ -233,13 +260,13 @@ def train_encoder(config: TrainConfig) -> EncodingResult:
 
     metrics = {
         **summarize(val_r, rois),
-        "feature": feature, "subj": cfg.subj, "encoder_arch": cfg.model.encoder_arch,
+        "feature": feature, "subj": subj, "encoder_arch": cfg.model.encoder_arch,
         "readout_res": cfg.model.readout_res, "num_queries": readout.num_queries if cfg.model.encoder_arch ==
         "transformer" else None, "n_train": len(train_idx), "n_val": len(val_idx),
         "n_test": None if test_pred is None else len(test_pred["lh"]), "epochs": cfg.epochs, "best_epoch": best_epoch,
         "samples_per_s": samples / seconds if seconds > 0 else None, "train_seconds": seconds,
         "shuffle_targets": cfg.shuffle_targets, "device": str(device), "history": history,
-        "config": {**{k: v for k, v in asdict(cfg).items() if k != "model"}, "feature": feature},
+        "config": {**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "model"}, "feature": feature},
         "model": cfg.model.to_dict(),
     }
     files = _write_outputs(cfg, metrics, model, test_pred, rois) if cfg.output_path is not None else {}
@@ -253,11 +280,14 @@ def _write_outputs(cfg: TrainConfig, metrics: dict, model: nn.Module, test_pred:
     files = {"metrics": write_metrics(out / "metrics.json", metrics)}
     ckpt = out / "checkpoint.pt"
     torch.save({"model": model.state_dict(), "model_config": cfg.model.to_dict(), "epoch": metrics["best_epoch"],
-                "feature": metrics["feature"], "subj": cfg.subj, "mean_r": metrics["mean_r"]}, ckpt)
+                "feature": metrics["feature"], "subj": metrics["subj"], "mean_r": metrics["mean_r"]}, ckpt)
     files["checkpoint"] = ckpt
     if rois is not None:
-        title = f"{metrics['feature']} {cfg.model.encoder_arch} ({cfg.model.readout_res}), subj {cfg.subj}"
-        files["plot"] = plot_roi_r(metrics["roi_mean_r"], out / "roi_r.png", title)
+        title = f"{metrics['feature']} {cfg.model.encoder_arch} ({cfg.model.readout_res}), subj {metrics['subj']}"
+        try:
+            files["plot"] = plot_roi_r(metrics["roi_mean_r"], out / "roi_r.png", title)
+        except ImportError:  # matplotlib is the `plot` extra, not a core dependency
+            log.warning("matplotlib is not installed (pip install 'featstore[plot]'): no roi_r.png")
     if test_pred is not None:
         files["lh_pred_test"], files["rh_pred_test"] = save_submission(out, test_pred["lh"], test_pred["rh"])
     return files

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Codec table: bytes, write GB/s and read samples/s of every codec preset, measured on real backbone output.
+
+    python tools/codec_table.py [--images 8] [--tiny-images 64] [--reps 3] [--json FILE] [--dir DIR]
+    python tools/codec_table.py --quick                       # tiny architecture only, a few seconds
+
+Why real backbone output: what a codec finds in float16 activations depends on their exponent and mantissa
+statistics, which synthetic noise does not have. The features come from `featstore.extract` with random weights
+(the issue's setting; no download), once per architecture: the tiny test ViT, and the full-size DINOv2 ViT-B/14 at the
+guide's 425 px (-> 434 px, 962 tokens x 768 channels), both variants (dinov2_q, dinov2) from one forward pass, and
+optionally OpenCLIP ViT-L/14 (`--clip`). They are held in memory; every codec then writes and reads the same arrays:
+
+- bytes: chunk files on disk (blosc headers and the crc32c included) / the float32 .npy of the same values;
+- write: GB/s of the stored dtype's raw bytes through `FeatureArray.write_chunks` (fsync on, chunks of 1 sample,
+  runs of 16 units as extract's writer hands them over), best of --reps, codecs interleaved;
+- read: samples/s of `FeatureArray.read_sample` in random order, one process, page cache warm, best of --reps.
+
+Codecs are the presets of `featstore.store.CODECS` plus a few candidates (`--candidates`, marked `*`), which are
+registered in this process only; a candidate that wins would have to be added to CODECS to be usable.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SUBJ, SPLIT, BATCH = "01", "train", 16
+FULL_ARCH = "vit_base_patch14_dinov2.lvd142m"
+RULE = 0.5  # the issue: the default is the fastest reader among codecs at <= 0.5x the float32 bytes
+
+
+def log(msg: str) -> None:
+    print(f"[codec_table {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def candidates() -> dict:
+    """zstd levels beyond the presets' clevel 1, and lz4hc (lz4's decoder, a slower encoder that finds more)."""
+    from zarr.codecs import BloscCodec
+
+    def blosc(cname: str, clevel: int, shuffle: str):
+        return lambda itemsize: [BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=itemsize)]
+
+    return {"zstd-3*": blosc("zstd", 3, "shuffle"), "zstd-3-bitshuffle*": blosc("zstd", 3, "bitshuffle"),
+            "zstd-5-bitshuffle*": blosc("zstd", 5, "bitshuffle"), "lz4hc-bitshuffle*": blosc("lz4hc", 5, "bitshuffle")}
+
+
+def extract_features(root: Path, label: str, backbone: str, arch: str, n: int, dtype: str) -> dict[str, np.ndarray]:
+    """{feature: (n, T, C) array} from a real `extract` run (random weights, no compression, no fsync)."""
+    from featstore.extract import extract
+    from featstore.sample import make_sample_subject
+    from featstore.store import FeatureStore
+
+    subj = make_sample_subject(root / f"img-{label}", subj=SUBJ, n_train=n, n_test=0, seed=0)
+    store = root / f"src-{label}.zarr"
+    log(f"{label}: extracting {backbone} ({arch}, random weights) on {n} images")
+    t0 = time.perf_counter()
+    extract(subj, store, backbone=backbone, arch=arch, weights="random", device="cpu", dtype=dtype, codec="none",
+            durable=False, progress=False, batch_size=2 if arch != "tiny" else BATCH, num_workers=0)
+    log(f"{label}: extracted in {time.perf_counter() - t0:.1f} s")
+    fs = FeatureStore(store)
+    out = {fa.feature: np.asarray(fa.read(0, n)) for fa in fs.arrays(subj=SUBJ, split=SPLIT)}
+    shutil.rmtree(store)
+    shutil.rmtree(subj.parent)
+    return out
+
+
+def npy_bytes(x: np.ndarray) -> int:
+    """Size of the legacy float32 .npy of these values (header included)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(x[:0].astype(np.float32)))
+    return buf.tell() + x.size * 4
+
+
+def write_once(root: Path, codec: str, x: np.ndarray) -> tuple[float, int]:
+    """Seconds of write_chunks (fsync on) for all samples, and the bytes of the chunk files."""
+    from featstore.store import FeatureStore
+
+    shutil.rmtree(root, ignore_errors=True)
+    fs = FeatureStore(root, mode="a")
+    n = len(x)
+    meta = {"token_layout": {"cls_index": 0, "grid": [1, 1], "n_tokens": x.shape[1]},
+            "image_names": [f"img{i:05d}.png" for i in range(n)]}
+    fa, _ = fs.prepare("f", SUBJ, SPLIT, shape=x.shape, chunk=1, dtype=str(x.dtype), meta=meta, fingerprint={},
+                       codec=codec)
+    fa.write_chunks(0, x[:1], durable=True)  # first write: the I/O pool and codec set-up are not the codec's cost
+    t0 = time.perf_counter()
+    for a in range(1, n, BATCH):
+        fa.write_chunks(a, x[a : a + BATCH], durable=True)
+    s = time.perf_counter() - t0
+    chunks = sum(p.stat().st_size for p in (root / fa.path / "c").rglob("*") if p.is_file())
+    return s * n / max(n - 1, 1), chunks
+
+
+def read_once(root: Path, x: np.ndarray, passes: int) -> float:
+    """Seconds per sample of read_sample in a random order (a fresh FeatureStore; values checked once)."""
+    from featstore.store import FeatureStore
+
+    fa = FeatureStore(root).get("f", SUBJ, SPLIT)
+    order = np.random.default_rng(1).permutation(len(x))
+    assert np.array_equal(fa.read_sample(int(order[0])), x[order[0]], equal_nan=True)
+    t0 = time.perf_counter()
+    for _ in range(passes):
+        for j in order:
+            fa.read_sample(int(j))
+    return (time.perf_counter() - t0) / (passes * len(x))
+
+
+def measure(work: Path, feats: dict[str, tuple[str, np.ndarray]], codecs: list[str], reps: int) -> list[dict]:
+    rows = []
+    for key, (label, x) in feats.items():
+        ref = npy_bytes(x)
+        raw = x.nbytes
+        best: dict[str, dict] = {c: {"write_s": np.inf, "read_s": np.inf} for c in codecs}
+        passes = max(1, (3000 if x.shape[-1] < 256 else 800) // len(x))  # ~0.3 s of reads per codec and rep
+        for r in range(reps):
+            order = codecs[r % len(codecs):] + codecs[: r % len(codecs)]  # a different codec first each rep
+            log(f"{key}: rep {r + 1}/{reps}, {len(codecs)} codecs")
+            for c in order:
+                root = work / "w.zarr"
+                ws, size = write_once(root, c, x)
+                rs = read_once(root, x, passes)
+                b = best[c]
+                b["write_s"], b["read_s"], b["bytes"] = min(b["write_s"], ws), min(b["read_s"], rs), size
+                shutil.rmtree(root)
+        for c in codecs:
+            b = best[c]
+            rows.append({"features": key, "source": label, "codec": c, "shape": list(x.shape), "dtype": str(x.dtype),
+                         "bytes": int(b["bytes"]), "npy_float32_bytes": int(ref), "ratio_vs_float32": b["bytes"] / ref,
+                         "write_gbs": raw / b["write_s"] / 1e9, "read_samples_s": 1 / b["read_s"],
+                         "read_gbs": raw / len(x) / b["read_s"] / 1e9})
+    return rows
+
+
+def choose(rows: list[dict]) -> dict[str, str | None]:
+    """Per feature set: the fastest reader among codecs at <= 0.5x the float32 bytes (None if no codec is)."""
+    out: dict[str, str | None] = {}
+    for key in dict.fromkeys(r["features"] for r in rows):
+        ok = [r for r in rows if r["features"] == key and r["ratio_vs_float32"] <= RULE]
+        out[key] = max(ok, key=lambda r: r["read_samples_s"])["codec"] if ok else None
+    return out
+
+
+def format_table(rows: list[dict], header: str) -> str:
+    cols = ("features", "codec", "bytes vs f32 npy", "write GB/s", "read samples/s", "read GB/s")
+    cells = [[r["features"], r["codec"], f"{r['ratio_vs_float32']:.5f}x", f"{r['write_gbs']:.2f}",
+              f"{r['read_samples_s']:.0f}", f"{r['read_gbs']:.2f}"] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(cols)]
+
+    def line(c):
+        return "  ".join(s.rjust(w) if i >= 2 else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths))).rstrip()
+
+    out = [header, line(cols), line(["-" * w for w in widths])]
+    prev = None
+    for c in cells:
+        if prev is not None and c[0] != prev:
+            out.append("")
+        out.append(line(c))
+        prev = c[0]
+    winners = choose(rows)
+    out.append("")
+    out += [f"fastest reads at <= {RULE}x float32 bytes, {k}: {v or 'none qualifies'}" for k, v in winners.items()]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=8, help="images for the full-size architectures (default 8)")
+    p.add_argument("--tiny-images", type=int, default=64, help="images for the tiny architecture (default 64)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions, best kept (default 3)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored dtype (default float16)")
+    p.add_argument("--no-candidates", dest="candidates", action="store_false",
+                   help="measure the CODECS presets only")
+    p.add_argument("--clip", action="store_true", help="also OpenCLIP ViT-L/14 (clip_vit_512), ~1 img/s")
+    p.add_argument("--quick", action="store_true", help="tiny architecture only, 16 images, 1 rep")
+    p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    p.add_argument("--dir", default=None, help="make the working folder in DIR (default: the system's temp folder)")
+    a = p.parse_args(argv)
+    from featstore import store
+
+    codecs = list(store.CODECS)
+    if a.candidates:
+        extra = candidates()
+        store.CODECS.update(extra)  # this process only
+        codecs += list(extra)
+    sources = [("tiny", "dinov2_q,dinov2", "tiny", 16 if a.quick else a.tiny_images)]
+    if not a.quick:
+        sources.append(("ViT-B/14", "dinov2_q,dinov2", FULL_ARCH, a.images))
+        if a.clip:
+            sources.append(("ViT-L/14", "clip", "ViT-L-14", a.images))
+    reps = 1 if a.quick else a.reps
+    if a.dir is not None:
+        Path(a.dir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="featstore-codecs-", dir=a.dir))
+    t_start = time.perf_counter()
+    try:
+        feats: dict[str, tuple[str, np.ndarray]] = {}
+        for label, backbone, arch, n in sources:
+            for feature, x in extract_features(work, label.replace("/", ""), backbone, arch, n, a.dtype).items():
+                feats[f"{label} {feature} {tuple(x.shape)}"] = (label, x)
+        rows = measure(work, feats, codecs, reps)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    header = (f"codec table: {a.dtype} output of featstore.extract (random weights, 425 px images), chunks of 1 sample, "
+              f"fsync on; best of {reps}; {time.perf_counter() - t_start:.0f} s ('*': candidate, not in CODECS)")
+    print(format_table(rows, header))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
