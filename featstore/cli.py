@@ -54,9 +54,7 @@ def add_extract_args(p: argparse.ArgumentParser, guide_defaults: bool = True) ->
                    help="start an array over when its configuration changed (says what it discards)")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights random (default 0)")
     p.add_argument("--no_fsync", action="store_true", help="skip fsync before marking chunks done (faster, less safe)")
-    p.add_argument("--storage_options", default=None, metavar="JSON",
-                   help="fsspec options for a URL store, e.g. '{\"anon\": false}' (credentials and endpoint also "
-                        "come from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
+    p.add_argument("--storage_options", default=None, metavar="JSON", help=STORAGE_HELP)
     p.add_argument("--dry_run", action="store_true", help="print the arrays, their shapes and the bytes they will "
                    "take, and exit")
     g = p.add_mutually_exclusive_group()
@@ -66,6 +64,16 @@ def add_extract_args(p: argparse.ArgumentParser, guide_defaults: bool = True) ->
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="run the units left as tasks on a local dask cluster of N worker processes, one model each "
                         "(dask workers, as in `featstore stats`; --num_workers stays the image decoders per process)")
+
+
+STORAGE_HELP = ("fsspec options for a URL store, e.g. '{\"anon\": false}' (credentials and endpoint also come from the "
+                "environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
+
+
+def _open_store(args: argparse.Namespace, mode: str = "r"):
+    from .store import FeatureStore
+
+    return FeatureStore(args.store, mode=mode, storage_options=storage_options(args.storage_options))
 
 
 def storage_options(text: str | None) -> dict | None:
@@ -114,7 +122,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_npy
 
-    for p in export_npy(args.store, args.output_dir, feature=args.feature, subj=args.subj, split=args.split):
+    for p in export_npy(_open_store(args), args.output_dir, feature=args.feature, subj=args.subj, split=args.split):
         print(p)
     return 0
 
@@ -122,14 +130,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .stats_report import format_info
 
-    print(format_info(args.store))
+    print(format_info(_open_store(args)))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .store import FeatureStore
-
-    fs = FeatureStore(args.store, mode="a" if args.repair else "r")
+    fs = _open_store(args, mode="a" if args.repair else "r")
     ok = True
     for fa in fs.arrays():
         rep = fa.verify(repair=args.repair, progress=True)
@@ -165,7 +171,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     plot = require_plotting(args.plot) if args.plot else None  # a bad --plot fails before the pass, not after it
     result = feature_stats(
-        args.store, args.feature, args.subj, args.split, pca=args.pca, scheduler=args.scheduler,
+        _open_store(args), args.feature, args.subj, args.split, pca=args.pca, scheduler=args.scheduler,
         workers=args.workers, save=not args.no_save, progress=True,
     )
     print(format_stats(result))
@@ -318,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("export-npy", "write the legacy OUTPUT_DIR/{feature}/{subj}/{train,synt}.npy files (float32) from "
                 "complete arrays, chunk by chunk", cmd_export)
-    p.add_argument("--store", required=True, help="the featstore Zarr store to read")
+    p.add_argument("--store", required=True, help="the featstore Zarr store to read (a folder or a URL)")
+    p.add_argument("--storage_options", default=None, metavar="JSON", help=STORAGE_HELP)
     p.add_argument("--output_dir", required=True, help="folder that receives FEATURE/SUBJ/SPLIT.npy (created if "
                    "missing); each file appears only when it is complete")
     p.add_argument("--feature", default=None, help="only this feature, e.g. dinov2_q_last (default: every feature)")
@@ -327,17 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("info", "list the store's arrays: shape, dtype, chunks, bytes on disk, compression ratio, "
                 "completion and weights", cmd_info)
-    p.add_argument("store", help="the featstore Zarr store")
+    p.add_argument("store", help="the featstore Zarr store (a folder or a URL such as s3://bucket/store.zarr)")
+    p.add_argument("--storage_options", default=None, metavar="JSON", help=STORAGE_HELP)
 
     p = command("verify", "decode every chunk marked done (checking its crc32c checksum) and report corrupt and "
                 "missing chunks; exit 1 if any", cmd_verify)
-    p.add_argument("store", help="the featstore Zarr store")
+    p.add_argument("store", help="the featstore Zarr store (a folder or a URL such as s3://bucket/store.zarr)")
+    p.add_argument("--storage_options", default=None, metavar="JSON", help=STORAGE_HELP)
     p.add_argument("--repair", action="store_true",
                    help="mark corrupt chunks as not done, so that rerunning the extract command recomputes them")
 
     p = command("stats", "per-channel mean/std/min/max (CLS and patch tokens), token norms, outlier tokens, value "
                 "histogram and optional PCA of one array, in one dask pass; saved in the store", cmd_stats)
-    p.add_argument("store", help="the featstore Zarr store")
+    p.add_argument("store", help="the featstore Zarr store (a folder or a URL such as s3://bucket/store.zarr)")
+    p.add_argument("--storage_options", default=None, metavar="JSON", help=STORAGE_HELP)
     p.add_argument("--feature", required=True, help="feature name, e.g. dinov2_q_last (see: featstore info)")
     p.add_argument("--subj", default="01", help="subject id")
     p.add_argument("--split", default="train", help="train or synt")

@@ -156,3 +156,18 @@ def test_dataset_with_two_loader_workers(made):
     want = torch.stack([ref[i] for i in range(len(ref))])
     assert got.shape == (N_TRAIN, *first.shape)
     assert torch.equal(got, want) and torch.equal(first, want[0])
+
+
+def test_storage_options_flag_instead_of_the_environment(made):
+    """verify/info take the endpoint from --storage_options when the environment does not name one."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    opts = json.dumps({"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    r = subprocess.run([sys.executable, "-m", "featstore.cli", "verify", made.url, "--storage_options", opts],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "dinov2_q_last/01/train: ok" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "featstore.cli", "info", made.url, "--storage_options", "[1]"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "--storage_options" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm.auto import tqdm
 
+from .._progress import tqdm
 from ..dataset import FeatureDataset, train_val_split
 from ..errors import BadArgumentError, NotFoundInStoreError
 from ..layout import SPLIT_DIRS, normalize_subj
