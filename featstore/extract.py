@@ -382,7 +382,7 @@ def extract(
     bb = _backbone(cfg, weights=cfg.weights)
     if bb.weights.get("kind") == "random":
         log.warning("using RANDOM weights (seed %s) for %s: features are not pretrained",
-                    bb.weights.get("seed"), ",".join(o.backbone for o in bb.outputs))
+                    bb.weights.get("seed"), bb.name)
     bb.to(dev)
     fs = store or FeatureStore(output_dir, mode="a", storage_options=cfg.storage_options)
     if cfg.shard is not None:

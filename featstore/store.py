@@ -54,7 +54,7 @@ CODECS = {
     "zstd": lambda itemsize: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize)],
     "zstd-bitshuffle": lambda itemsize: [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=itemsize)],
 }
-DEFAULT_CODEC = "lz4"
+DEFAULT_CODEC = "none"
 
 
 def compressors(codec: str, dtype: str) -> list:
