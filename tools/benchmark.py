@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """featstore benchmark: ratios measured side by side in one run, each against the legacy way of doing the same thing.
 
-    python tools/benchmark.py [--n 400] [--startup-n 2000] [--images 192] [--reps 3] [--json out.json] [--dir DIR]
-    python tools/benchmark.py --quick --json out.json        # smoke-test sizes, well under a minute
+    python tools/benchmark.py [--n 400] [--startup-n 2000] [--images 128] [--reps 2] [--json out.json] [--dir DIR]
+    python tools/benchmark.py --quick --json out.json        # smoke-test sizes, about a minute (8 fresh interpreters)
 
 Rows (names are stable; the JSON is a list of rows with at least name, ratio, target and a boolean meets):
   write                       store writer (float16, fsync on) fed a ViT-B-sized float32 stream vs np.save + fsync
@@ -180,6 +180,7 @@ def backbone_bytes(ctx) -> dict[str, tuple[int, int, float]]:
         log(f"write-bytes: extracting {ctx.images} images with the tiny architecture, {dtype}")
         extract(subj, store, backbone="dinov2_q", arch="tiny", weights="random", device="cpu", dtype=dtype,
                 batch_size=BATCH, num_workers=0, durable=False, progress=False)
+        ctx.extract_warm = True  # this process has run extract() (imports, allocator, page cache of the images)
         fa = FeatureStore(store).get("dinov2_q_last", SUBJ, SPLIT)
         np.save(npy, np.asarray(fa.read(0, fa.shape[0]), dtype=np.float32))
         chunks = sum(p.stat().st_size for p in (store / fa.path / "c").rglob("*") if p.is_file())
@@ -646,14 +647,15 @@ def rows_resume(ctx) -> list[dict]:
     at_kill = int(m.sum()) if m is not None else 0
     computed_at_kill = forwarded(counts[0])
     lost = computed_at_kill - at_kill
-    log("resume: rerunning the same extract, then once more on the finished store")
-    rerun = child("resume-run", {**args, "counter": str(counts[1]), "noop": True})
+    log("resume: rerunning the same extract (in this process), then once more on the finished store")
+    rerun = run_extract_child("resume-run", {**args, "counter": str(counts[1]), "noop": True})  # in this process
     recomputed = forwarded(counts[1])
     noop = rerun["noop"]
     assert noop["computed"] == 0, noop
     log("resume: an uninterrupted extract for reference")
     extract(subj, ref, backbone="dinov2_q", arch="tiny", weights="random", device="cpu", batch_size=BATCH,
             num_workers=0, durable=False, progress=False)
+    ctx.extract_warm = True
     a, b = FeatureStore(store).get(feature, SUBJ, SPLIT), FeatureStore(ref).get(feature, SUBJ, SPLIT)
     same = a.is_complete() and np.array_equal(a.read(0, n), b.read(0, n), equal_nan=True)
     full = getattr(ctx, "extract_s", None)
@@ -688,9 +690,9 @@ def rows_resume(ctx) -> list[dict]:
 LAYERS_DEPTH = 4  # a tiny DINOv2 with 4 blocks, so that L = 4 layers of both variants make 8 arrays
 
 
-def _layers_times(subj: Path, root: Path, reps: int) -> dict:
+def _layers_times(subj: Path, root: Path, reps: int, warmed: bool) -> dict:
     """Best seconds of extract() for one output and for 4 layers x 2 variants, same images and model, interleaved,
-    in this process (no interpreter start on either side)."""
+    in this process (no interpreter start on either side); one untimed run first unless `warmed`."""
     from featstore import get_backbone
     from featstore.backbones import dinov2
     from featstore.extract import extract
@@ -704,14 +706,14 @@ def _layers_times(subj: Path, root: Path, reps: int) -> dict:
     finally:
         dinov2.TINY = tiny
     best = dict.fromkeys(bbs, np.inf)
-    for r in range(reps + 1):  # round 0 warms up (loader workers, allocator, page cache) and is not timed
+    for r in range(0 if warmed else -1, reps):  # round -1 warms up (imports, allocator, page cache), not timed
         for side, bb in bbs.items():
-            if r == 0 and side == "one":
+            if r < 0 and side == "one":
                 continue
             shutil.rmtree(root, ignore_errors=True)
             t0 = time.perf_counter()
             extract(subj, root, backbone=bb, device="cpu", batch_size=BATCH, progress=False)
-            if r:
+            if r >= 0:
                 best[side] = min(best[side], time.perf_counter() - t0)
     shutil.rmtree(root, ignore_errors=True)
     return {**best, "arrays": len(bbs["many"].outputs)}
@@ -725,7 +727,7 @@ def rows_layers(ctx) -> list[dict]:
     n = ctx.images
     warm(sorted((subj / "training_split" / "training_images").iterdir()))
     log(f"layers: 8 arrays vs 1, {n} images, tiny architecture with {LAYERS_DEPTH} blocks, best of {ctx.reps}")
-    t = _layers_times(subj, ctx.dir / "layers.zarr", ctx.reps)
+    t = _layers_times(subj, ctx.dir / "layers.zarr", ctx.reps, getattr(ctx, "extract_warm", False))
     ratio = t["many"] / t["one"]
     log("layers: peak RSS of dinov2_q --enc_layer -1 and of dinov2_q,dinov2 --enc_layer all, two fresh processes at "
         "once (a peak does not depend on the other's CPU share; each interpreter start costs ~5 s)")
@@ -882,8 +884,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=400, help="samples for the write, read and stats rows (default 400)")
     p.add_argument("--startup-n", type=int, default=2000, help="samples for the start-up rows (default 2000)")
-    p.add_argument("--images", type=int, default=192, help="images for the extract and resume rows (default 192)")
-    p.add_argument("--reps", type=int, default=3, help="repetitions; the best of each side is kept (default 3)")
+    p.add_argument("--images", type=int, default=128,
+                   help="images for the write-bytes, extract, resume and layers rows (default 128)")
+    p.add_argument("--reps", type=int, default=2, help="repetitions; the best of each side is kept (default 2)")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes: --n 24 --startup-n 48 --images 32 --reps 1")
     p.add_argument("--only", default=None, help=f"comma-separated groups: {','.join(g for g, _, _ in GROUPS)}")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
@@ -926,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(ctx.dir, ignore_errors=True)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     header = (f"featstore benchmark: N={ctx.n} (write/read/stats), {ctx.startup_n} (start-up), {ctx.images} images "
-              f"(extract/resume); {cpus} CPUs; best of {ctx.reps}; {time.perf_counter() - t_start:.0f} s")
+              f"(write-bytes/extract/resume/layers); {cpus} CPUs; best of {ctx.reps}; {time.perf_counter() - t_start:.0f} s")
     print(format_table(rows, header))
     if ctx.json:
         Path(ctx.json).write_text(json.dumps(rows, indent=1))
