@@ -137,13 +137,11 @@ def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, finish
 @contextlib.contextmanager
 def _client(scheduler: str | None, workers: int | None, gpu: bool) -> Iterator[Any]:
     """A Client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded processes."""
-    try:
-        import dask
-        import distributed
-    except ImportError:
-        raise BadArgumentError(
-            "--workers/--scheduler need dask.distributed, which is not installed: pip install 'featstore[distributed]'"
-        ) from None
+    import dask
+
+    from .stats import require_distributed
+
+    distributed = require_distributed()
     if workers is not None:
         nanny = logging.getLogger("distributed.nanny")
         nanny.addFilter(_slow_exit)

@@ -190,6 +190,17 @@ def _task_rows(fa: FeatureArray, bytes_per_value: int, task_mb: float) -> int:
     return min(k * fa.chunk_len, max(fa.shape[0], 1))
 
 
+def require_distributed():
+    """dask.distributed, or a one-line error saying how to install it (shared with distributed.py)."""
+    try:
+        import distributed
+    except ImportError:
+        raise BadArgumentError(
+            "--workers/--scheduler need dask.distributed, which is not installed: pip install 'featstore[distributed]'"
+        ) from None
+    return distributed
+
+
 @contextlib.contextmanager
 def _scheduler(scheduler: str | None, workers: int | None):
     """Yields a distributed Client, or None for dask's local schedulers (set for the duration)."""
@@ -199,12 +210,7 @@ def _scheduler(scheduler: str | None, workers: int | None):
         with dask.config.set(scheduler=scheduler or "threads"):
             yield None
         return
-    try:
-        import distributed
-    except ImportError:
-        raise BadArgumentError(
-            "--workers/--scheduler need dask.distributed, which is not installed: pip install 'featstore[distributed]'"
-        ) from None
+    distributed = require_distributed()
     if workers is not None:
         if workers < 1:
             raise BadArgumentError(f"--workers {workers}: need at least 1")
