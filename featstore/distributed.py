@@ -105,7 +105,7 @@ def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, finish
     bar = tqdm(total=sum(m[2] for m in meta.values()), desc=f"{jobs[0][0].subj}: {len(futures)} tasks on "
                f"{n_workers} workers", unit="img", disable=not cfg.progress, smoothing=0.1)
     try:
-        for fut in distributed.as_completed(futures):
+        for fut in distributed.as_completed(futures, loop=client.loop):
             split, units, rows = meta[fut.key]
             try:
                 out = fut.result()
@@ -136,7 +136,8 @@ def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, finish
 
 @contextlib.contextmanager
 def _client(scheduler: str | None, workers: int | None, gpu: bool) -> Iterator[Any]:
-    """A Client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded processes."""
+    """A Client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded processes; used
+    explicitly, never the process default (see stats._scheduler)."""
     import dask
 
     from .stats import require_distributed
@@ -149,14 +150,14 @@ def _client(scheduler: str | None, workers: int | None, gpu: bool) -> Iterator[A
             with dask.config.set({"distributed.worker.daemon": False}), distributed.LocalCluster(
                 n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                 silence_logs=logging.CRITICAL, resources={"GPU": 1} if gpu else None,
-            ) as cluster, distributed.Client(cluster) as client:
+            ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
                 client.wait_for_workers(workers)
                 yield client
         finally:
             nanny.removeFilter(_slow_exit)
         return
     try:
-        client = distributed.Client(scheduler, timeout="10s")
+        client = distributed.Client(scheduler, timeout="10s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as e:
         raise BadArgumentError(f"cannot connect to the dask scheduler at {scheduler}: {_one_line(e)}") from None
     with client:

@@ -203,7 +203,8 @@ def require_distributed():
 
 @contextlib.contextmanager
 def _scheduler(scheduler: str | None, workers: int | None):
-    """Yields a distributed Client, or None for dask's local schedulers (set for the duration)."""
+    """Yields a distributed Client, or None for dask's local schedulers (set for the duration). The Client is used
+    explicitly, never made the process default: a failed connection would leave dask's global scheduler on it."""
     if scheduler is not None and workers is not None:
         raise BadArgumentError("give either --scheduler ADDRESS or --workers N, not both")
     if workers is None and (scheduler is None or scheduler in _LOCAL_SCHEDULERS):
@@ -219,11 +220,11 @@ def _scheduler(scheduler: str | None, workers: int | None):
         ), distributed.LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
             silence_logs=logging.CRITICAL,  # a failing task reaches the caller as its exception: one line
-        ) as cluster, distributed.Client(cluster) as client:
+        ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
             yield client
         return
     try:
-        client = distributed.Client(scheduler, timeout="10s")
+        client = distributed.Client(scheduler, timeout="10s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as e:
         raise BadArgumentError(f"cannot connect to the dask scheduler at {scheduler}: {e}") from None
     with client:
@@ -268,7 +269,7 @@ def _one_pass(x: da.Array, cls_index: int, shift_patch, shift_cls, hist_every: i
             import distributed
 
             futures = client.compute([level[0], *norms])
-            for _ in distributed.as_completed(futures[1:]):
+            for _ in distributed.as_completed(futures[1:], loop=client.loop):
                 bar.update(1)
             total, *blocks = client.gather(futures)
     return total, np.concatenate(blocks, axis=0)

@@ -32,3 +32,14 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
     return subprocess.run(
         [sys.executable, "-m", "featstore.cli", *args], check=False, capture_output=True, text=True, timeout=timeout, env=e
     )
+
+
+@pytest.fixture(autouse=True)
+def _no_dask_scheduler_leak(request):
+    """No test (and no featstore call in it) leaves dask's process-wide default scheduler changed."""
+    import dask
+
+    before = dask.config.get("scheduler", None)
+    yield
+    after = dask.config.get("scheduler", None)
+    assert after == before, f"{request.node.nodeid} changed dask's default scheduler: {before!r} -> {after!r}"

@@ -267,6 +267,7 @@ def test_bad_arguments(tmp_path, capsys):
     if pytest.importorskip("distributed"):
         with pytest.raises(BadArgumentError, match="cannot connect"):
             feature_stats(tmp_path / "s.zarr", "feat", "01", "train", scheduler="nonsense://nowhere")
+        assert dask.config.get("scheduler", None) is None  # the failed Client left dask's default alone
     assert main(["stats", str(tmp_path / "s.zarr"), "--feature", "nope"]) == 2
     assert "has no array nope/01/train" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
