@@ -30,8 +30,9 @@ import numpy as np
 from ._progress import tqdm
 from .backbones import Backbone
 from .errors import BadArgumentError, ClusterError, FeatstoreError, Interrupted, StoreError, Terminated
-from .extract import ExtractConfig, ExtractResult, SplitJob, _backbone, parse_shard, resolve_device
+from .extract import ExtractConfig, ExtractResult, parse_shard
 from .layout import Subject
+from .pipeline import SplitJob, build_backbone, resolve_device
 from .store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def extract_on_cluster(subject: Subject, subj: str, output_dir: str | Path, cfg:
                                "(backbone='dinov2_q', arch=..., weights=...), not as a built Backbone")
     share = parse_shard(cfg.shard)
     # built on the client's CPU only for what the arrays are defined by: token shape, layout, weights identity
-    bb = _backbone(cfg, weights=cfg.weights)
+    bb = build_backbone(cfg, weights=cfg.weights)
     if bb.weights.get("kind") == "random":
         log.warning("using RANDOM weights (seed %s) for %s: features are not pretrained",
                     bb.weights.get("seed"), ",".join(o.backbone for o in bb.outputs))
@@ -210,7 +211,7 @@ def _worker_backbone(cfg: ExtractConfig) -> tuple[Backbone, Any]:
         if key not in _models:
             _models.clear()
             dev = resolve_device(_worker_device(cfg.device))
-            _models[key] = (_backbone(cfg, weights=cfg.weights).to(dev), dev)
+            _models[key] = (build_backbone(cfg, weights=cfg.weights).to(dev), dev)
         return _models[key]
 
 

@@ -203,7 +203,7 @@ def test_free_space_warning(subject, tmp_path, caplog, monkeypatch):
 
 def test_progress_counts_written_rows(subject, tmp_path):
     """The bar advances only after rows are durably written and marked done (it used to count computed rows)."""
-    from featstore.extract import BackgroundWriter
+    from featstore.pipeline import BackgroundWriter
 
     fs = FeatureStore(tmp_path / "w.zarr", mode="a")
     extract(subject, tmp_path / "w.zarr", backbone="dinov2_q", splits=["synt"], shard="1/2", **TINY)
@@ -229,3 +229,18 @@ def test_info_runs_without_importing_torch():
     r = subprocess.run([sys.executable, "-c", code, str(DATA / "format0_store")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "heavy: []" in r.stdout and "dinov2_q_last/01/train" in r.stdout
+
+
+@pytest.mark.parametrize("flag,value", [("--subj", "abc"), ("--backbone", "resnet"), ("--weights", "missing.pth"),
+                                        ("--enc_layer", "x"), ("--data_dir", "nowhere")])
+def test_extract_argument_errors_come_before_torch(subject, tmp_path, flag, value):
+    """A wrong flag is reported without loading torch (a fraction of a second, not a model load)."""
+    args = {"--data_dir": str(subject), "--output_dir": str(tmp_path / "s.zarr"), "--weights": "random",
+            "--arch": "tiny", flag: value}
+    code = ("import sys, featstore.cli as c; rc = c.main(sys.argv[1:]); "
+            "print('rc', rc, 'heavy:', sorted(m for m in ('torch', 'timm', 'open_clip') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, "extract", *[x for kv in args.items() for x in kv]],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert "rc 2 heavy: []" in r.stdout, (r.stdout, r.stderr)
+    assert r.stderr.count("featstore: error:") == 1 and flag in r.stderr, r.stderr
+    assert not (tmp_path / "s.zarr").exists()

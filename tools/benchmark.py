@@ -100,7 +100,8 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
     FeatureArray.write_chunks. Returns (seconds, bytes of the array on disk)."""
     import torch
 
-    from featstore.extract import BackgroundWriter, ChunkAssembler, ExtractConfig, _has_inf
+    from featstore.extract import ExtractConfig
+    from featstore.pipeline import BackgroundWriter, ChunkAssembler, _has_inf
     from featstore.store import FeatureStore
 
     fs = FeatureStore(root, mode="a")

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import BadArgumentError, WeightsError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from .registry import Output, backbone_config, feature_name, resolve_layer
+from .registry import WEIGHTS_HINT, Output, backbone_config, check_weights_arg, feature_name, resolve_layer
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -131,17 +131,6 @@ class Backbone:
             "preprocess": self.preprocess.to_dict(),
             "head": backbone_config(o.backbone).head,
         }
-
-
-WEIGHTS_HINT = "use --weights PATH for a local checkpoint or --weights random"
-
-
-def check_weights_arg(weights: str, arch: str) -> None:
-    """Fail before building anything: the weights argument must name a source; tiny archs have no pretrained ones."""
-    if weights not in ("pretrained", "random") and not Path(weights).is_file():
-        raise WeightsError(f"--weights {weights!r} is neither 'pretrained', 'random' nor an existing file")
-    if arch == "tiny" and weights == "pretrained":
-        raise WeightsError(f"--arch tiny has no pretrained weights; {WEIGHTS_HINT}")
 
 
 def seeded_init(seed: int) -> torch.Generator:

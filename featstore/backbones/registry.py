@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import import_module
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import BadArgumentError, UnknownBackboneError
+from ..errors import BadArgumentError, UnknownBackboneError, WeightsError
 
 if TYPE_CHECKING:
     from .base import Backbone
@@ -203,3 +204,14 @@ def get_backbone(
     check_layer_spec(layer)  # a typo in --enc_layer fails before a model is built
     family = import_module(f"{__package__}.{configs[0].family}")
     return family.build(configs, layer=layer, weights=weights, arch=arch, seed=seed, image_size=image_size)
+
+
+WEIGHTS_HINT = "use --weights PATH for a local checkpoint or --weights random"
+
+
+def check_weights_arg(weights: str, arch: str) -> None:
+    """Fail before building anything: the weights argument must name a source; tiny archs have no pretrained ones."""
+    if weights not in ("pretrained", "random") and not Path(weights).is_file():
+        raise WeightsError(f"--weights {weights!r} is neither 'pretrained', 'random' nor an existing file")
+    if arch == "tiny" and weights == "pretrained":
+        raise WeightsError(f"--arch tiny has no pretrained weights; {WEIGHTS_HINT}")
