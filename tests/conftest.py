@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,24 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
     return subprocess.run(
         [sys.executable, "-m", "featstore.cli", *args], check=False, capture_output=True, text=True, timeout=timeout, env=e
     )
+
+
+def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """Run `featstore ...` through the CLI's own `main` in this process: for what a command prints and the code it
+    exits with, without paying an interpreter start and a torch import per call. Signals and crashes need
+    `run_cli` (a real process). featstore's log lines reach pytest's caplog here, not stderr."""
+    from featstore.cli import main
+
+    capsys.readouterr()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["featstore", *args], code, out, err)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, cli_here
 
 from featstore import FeatureStore, extract
 
@@ -77,7 +77,7 @@ def test_adding_a_layer_writes_only_the_new_arrays(subject, multi, tmp_path):
     np.testing.assert_equal(_values(partial), _values(multi))
 
 
-def test_kill_and_resume_of_a_multi_output_run_is_bit_identical(multi, tmp_path):
+def test_kill_and_resume_of_a_multi_output_run_is_bit_identical(multi, tmp_path, capsys):
     from featstore.sample import make_sample_subject
 
     subj = make_sample_subject(tmp_path / "d", n_train=24, n_test=0, seed=4)
@@ -95,7 +95,7 @@ def test_kill_and_resume_of_a_multi_output_run_is_bit_identical(multi, tmp_path)
     fs = FeatureStore(store)
     done = {a: int(fs.get(*a.split("/")).done_mask().sum()) for a in fs.list_arrays()}
     assert 0 < min(done.values()) and min(done.values()) < 24, done
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    r = cli_here(capsys, *args[3:])  # the rerun: the same command
     assert r.returncode == 0, r.stderr
     for line in r.stdout.splitlines():  # each array computes exactly what it lacked at the kill
         path = line.split(":")[0]

@@ -18,7 +18,7 @@ from featstore import extract
 from featstore.errors import CorruptImageError, StoreWriteError
 from featstore.sample import make_sample_subject
 from featstore.store import FeatureStore
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, cli_here, run_cli
 
 N = 10
 CRASHRUN = Path(__file__).with_name("crashrun.py")
@@ -103,7 +103,7 @@ def _cli_args(subj, store, *extra):
 
 @pytest.mark.parametrize("sig,code,group", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, True)],
                          ids=["sigint", "sigterm-to-the-group"])
-def test_signal_gives_exit_code_and_resumable_store(tmp_path, sig, code, group):
+def test_signal_gives_exit_code_and_resumable_store(tmp_path, sig, code, group, capsys):
     """SIGINT to the process; SIGTERM to the whole process group with loader workers, as scancel and
     `kill -- -PGID` send it: one line, no worker traceback, a store that resumes bit-identically."""
     n = 24
@@ -127,7 +127,7 @@ def test_signal_gives_exit_code_and_resumable_store(tmp_path, sig, code, group):
     assert "rerun the same command to resume" in err and "Traceback" not in err, err
     done = _done(store)
     assert 4 <= done < n
-    r = subprocess.run(_cli_args(subj, store, "--batch_size", "2"), capture_output=True, text=True, timeout=300)
+    r = cli_here(capsys, *_cli_args(subj, store, "--batch_size", "2")[3:])  # the rerun: the same command
     assert r.returncode == 0, r.stderr
     assert f"computed {n - done}, skipped {done}" in r.stdout
     ref = tmp_path / "ref.zarr"
@@ -178,7 +178,7 @@ def _snapshot(store: Path):
     return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in store.rglob("*"))
 
 
-def test_changed_configuration_is_refused_and_changes_nothing(tmp_path):
+def test_changed_configuration_is_refused_and_changes_nothing(tmp_path, capsys):
     from featstore.errors import FingerprintMismatchError
 
     subj = make_sample_subject(tmp_path / "d", n_train=4, n_test=0, seed=2)
@@ -189,7 +189,7 @@ def test_changed_configuration_is_refused_and_changes_nothing(tmp_path):
         extract(subj, store, backbone="dinov2_q", seed=1, **TINY)
     shutil.copy(next((subj / "training_split/training_images").glob("*.png")),
                 subj / "training_split/training_images/zz-extra.png")
-    r = subprocess.run(_cli_args(subj, store), capture_output=True, text=True, timeout=300)
+    r = cli_here(capsys, *_cli_args(subj, store)[3:])
     assert r.returncode == 2 and "image list: stored 4 images vs now 5" in r.stderr, r.stderr
     assert _snapshot(store) == before
     res = extract(subj, store, backbone="dinov2_q", overwrite=True, **TINY)
@@ -214,12 +214,12 @@ def test_verify_detects_flipped_byte_and_repair_recomputes(subj, reference, tmp_
     _assert_equal_to_reference(store, reference)
 
 
-def test_corrupt_image_names_file_and_keeps_finished_chunks(tmp_path):
+def test_corrupt_image_names_file_and_keeps_finished_chunks(tmp_path, capsys):
     subj = make_sample_subject(tmp_path / "d", n_train=12, n_test=0, seed=4)
     bad = sorted((subj / "training_split/training_images").glob("*.png"))[9]
     bad.write_bytes(bad.read_bytes()[:300])  # truncated PNG
     store = tmp_path / "s.zarr"
-    r = subprocess.run(_cli_args(subj, store, "--batch_size", "4"), capture_output=True, text=True, timeout=300)
+    r = cli_here(capsys, *_cli_args(subj, store, "--batch_size", "4")[3:])
     assert r.returncode == 1, r.stderr
     errs = [ln for ln in r.stderr.splitlines() if ln.startswith("featstore: error:")]
     assert len(errs) == 1 and bad.name in errs[0] and "Traceback" not in r.stderr

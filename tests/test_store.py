@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import TINY, run_cli
+from conftest import TINY, cli_here, run_cli
 
 from featstore import FeatureDataset, FeatureStore, _chunkio, export_npy, extract
 from featstore.errors import StoreError
@@ -120,8 +120,8 @@ def test_fingerprint_message_names_the_differing_codec_part():
     assert fingerprint_diff(old, new) == "codecs[1].configuration.typesize: stored 2 vs now 4"
 
 
-def test_changed_dtype_message_shows_what_differs(subject, store):
-    r = run_cli("extract", "--data_dir", str(subject), "--output_dir", str(store), "--arch", "tiny", "--weights",
+def test_changed_dtype_message_shows_what_differs(subject, store, capsys):
+    r = cli_here(capsys, "extract", "--data_dir", str(subject), "--output_dir", str(store), "--arch", "tiny", "--weights",
                 "random", "--device", "cpu", "--num_workers", "0", "--dtype", "float32")
     assert r.returncode == 2 and _one_error(r.stderr), r.stderr
     assert "dtype: stored \"float16\" vs now \"float32\"" in r.stderr
@@ -141,7 +141,7 @@ def test_overwrite_says_what_it_discards_and_keeps_an_unchanged_array(subject, t
     assert len(msgs) == 1 and "dinov2_q_last/01/train (6/6 chunks done)" in msgs[0] and "dtype" in msgs[0]
 
 
-def test_second_writer_of_the_same_share_is_refused(subject, tmp_path):
+def test_second_writer_of_the_same_share_is_refused(subject, tmp_path, capsys):
     path = tmp_path / "l.zarr"
     extract(subject, path, backbone="dinov2_q", splits=["train"], shard="0/2", **TINY)
     lock = path / "dinov2_q_last/01/train/.featstore-lock-0of1"
@@ -152,8 +152,8 @@ def test_second_writer_of_the_same_share_is_refused(subject, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = FeatureStore(path).get("dinov2_q_last", "01", "train").done_mask()
-        r = run_cli("extract", "--data_dir", str(subject), "--output_dir", str(path), "--arch", "tiny", "--weights",
-                    "random", "--device", "cpu", "--num_workers", "0")
+        r = cli_here(capsys, "extract", "--data_dir", str(subject), "--output_dir", str(path), "--arch", "tiny",
+                     "--weights", "random", "--device", "cpu", "--num_workers", "0")
         assert r.returncode == 2 and _one_error(r.stderr) and "already writing" in r.stderr, r.stderr
         np.testing.assert_array_equal(FeatureStore(path).get("dinov2_q_last", "01", "train").done_mask(), before)
         # another share is not blocked by it
@@ -182,8 +182,8 @@ def test_subj_as_the_guide_writes_it(subject, tmp_path):
     assert res.splits[0].path == "dinov2_q_last/01/synt"
 
 
-def test_dry_run_prints_arrays_and_bytes_and_writes_nothing(subject, tmp_path):
-    r = run_cli("extract", "--data_dir", str(subject), "--output_dir", str(tmp_path / "s.zarr"), "--arch", "tiny",
+def test_dry_run_prints_arrays_and_bytes_and_writes_nothing(subject, tmp_path, capsys):
+    r = cli_here(capsys, "extract", "--data_dir", str(subject), "--output_dir", str(tmp_path / "s.zarr"), "--arch", "tiny",
                 "--weights", "random", "--backbone", "dinov2_q,dinov2", "--enc_layer", "0:2", "--dry_run")
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("dinov2")]
