@@ -564,10 +564,16 @@ def rows_startup(ctx) -> list[dict]:
     del mm
     res: dict[str, dict] = {}
     reps = min(ctx.reps, 2)
-    for r in range(reps):
-        for side in ("legacy", "memmap", "featstore"):
+    sides = ("legacy", "memmap", "featstore")
+    args = {"store": str(store), "npy": str(npy), "n": n}
+    if ctx.quick:  # smoke-test sizes: the three processes at once (their times then share the CPUs)
+        log("startup: legacy, memmap and featstore in three fresh processes at once (--quick)")
+        with ThreadPoolExecutor(3) as pool:
+            res = dict(zip(sides, pool.map(lambda side: child(f"startup-{side}", args), sides)))
+    for r in range(0 if ctx.quick else reps):
+        for side in sides:
             log(f"startup: {side} in a fresh process (rep {r + 1}/{reps})")
-            x = child(f"startup-{side}", {"store": str(store), "npy": str(npy), "n": n})
+            x = child(f"startup-{side}", args)
             old = res.get(side)
             res[side] = x if old is None else {k: min(old[k], x[k]) for k in x}
     shutil.rmtree(store)
