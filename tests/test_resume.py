@@ -62,18 +62,40 @@ CRASHES = [
     ("mid_mark", 6, 1, 6),  # 6 markers written: the 2nd run is half marked
     ("mid_write", 2, 3, 1),  # chunks of 3 samples (staged across batches): the 2nd chunk is torn
 ]
+CRASH_IDS = [f"{c[0]}-{c[1]}-chunk{c[2]}" for c in CRASHES]
 
 
-@pytest.mark.parametrize("point,k,chunk,expected_done", CRASHES, ids=[f"{c[0]}-{c[1]}-chunk{c[2]}" for c in CRASHES])
-def test_sigkill_then_resume_is_bit_identical(subj, reference, tmp_path, point, k, chunk, expected_done):
+def _crash_applies(point: str) -> bool:
     from featstore import _chunkio
 
-    if point in ("mid_write", "mid_mark") and not _chunkio.fast_enabled():
+    return point not in ("mid_write", "mid_mark") or _chunkio.fast_enabled()
+
+
+@pytest.fixture(scope="module")
+def crashed(subj, tmp_path_factory) -> dict:
+    """Every crash run started at once (each is a fresh interpreter; together they use both cores), each into its
+    own store; a test waits for its own."""
+    root = tmp_path_factory.mktemp("crash")
+    runs = {}
+    for cid, (point, k, chunk, _) in zip(CRASH_IDS, CRASHES):
+        if _crash_applies(point):
+            store = root / cid / "s.zarr"
+            runs[cid] = store, subprocess.Popen(
+                [sys.executable, str(CRASHRUN), str(subj), str(store), point, str(k), str(chunk), "4"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield runs
+    for _, p in runs.values():
+        p.kill()
+        p.communicate()
+
+
+@pytest.mark.parametrize("point,k,chunk,expected_done", CRASHES, ids=CRASH_IDS)
+def test_sigkill_then_resume_is_bit_identical(crashed, subj, reference, request, point, k, chunk, expected_done):
+    if not _crash_applies(point):
         pytest.skip("the kill point patches the fast chunk path, which this zarr lacks")
-    store = tmp_path / "s.zarr"
-    r = subprocess.run([sys.executable, str(CRASHRUN), str(subj), str(store), point, str(k), str(chunk), "4"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stdout, r.stderr)
+    store, p = crashed[request.node.callspec.id]
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, out, err)
     done = _done(store)
     if expected_done is not None:
         assert done == expected_done
