@@ -389,6 +389,29 @@ def child(mode: str, args: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def start_early(ctx, groups: list[str]) -> None:
+    """--quick only: the fresh-interpreter children whose inputs exist from the start run at once, beside the groups
+    that run in this process (most of such a child is interpreter start-up, on one core). Full runs keep every
+    measurement on a quiet machine."""
+    ctx.early = {}
+    if not ctx.quick or not {"extract", "layers"} & set(groups):
+        return
+    subj = ensure_subject(ctx)
+    log("--quick: starting the extract and layers-rss child processes now, beside the other groups")
+    ctx.early_pool = ThreadPoolExecutor(3)
+    if "extract" in groups:
+        ctx.early["extract"] = ctx.early_pool.submit(child, "extract", _extract_args(subj, ctx.dir / "extract.zarr"))
+    if "layers" in groups:
+        for side in RSS_SIDES:
+            ctx.early[f"rss-{side}"] = ctx.early_pool.submit(child, "extract-rss", _rss_args(ctx, subj, side))
+
+
+def early(ctx, key: str) -> dict | None:
+    """The result of a child started by start_early, or None (then the caller runs it now)."""
+    fut = getattr(ctx, "early", {}).pop(key, None)
+    return None if fut is None else fut.result()
+
+
 def _peak_rss_mb() -> float:
     """Peak RSS of this process image. VmHWM, not getrusage: Linux carries ru_maxrss over fork + exec, so a child
     would report the benchmark's own peak."""
@@ -513,6 +536,10 @@ def ensure_subject(ctx) -> Path:
     return subj
 
 
+def _extract_args(subj: Path, store: Path) -> dict:
+    return {"subj": str(subj), "store": str(store), "batch": BATCH, "workers": 2}
+
+
 def rows_extract(ctx) -> list[dict]:
     subj = ensure_subject(ctx)
     n = ctx.images
@@ -522,9 +549,11 @@ def rows_extract(ctx) -> list[dict]:
     store = ctx.dir / "extract.zarr"
     reps = min(ctx.reps, 2)  # each rep is a fresh interpreter (torch + timm imports)
     for r in range(reps):
-        log(f"extract: forward only, then a full extract with the defaults, {n} images (rep {r + 1}/{reps})")
-        shutil.rmtree(store, ignore_errors=True)
-        res = child("extract", {"subj": str(subj), "store": str(store), "batch": BATCH, "workers": 2})
+        res = early(ctx, "extract") if r == 0 else None
+        if res is None:
+            log(f"extract: forward only, then a full extract with the defaults, {n} images (rep {r + 1}/{reps})")
+            shutil.rmtree(store, ignore_errors=True)
+            res = child("extract", _extract_args(subj, store))
         assert res["computed"] == n, res
         for k, v in res["forward"].items():
             fwd[int(k)] = min(fwd.get(int(k), np.inf), v)
@@ -726,6 +755,15 @@ def _layers_times(subj: Path, root: Path, reps: int, warmed: bool) -> dict:
     return {**best, "arrays": len(bbs["many"].outputs)}
 
 
+RSS_SIDES = {"one": ("dinov2_q", -1), "all": ("dinov2_q,dinov2", "all")}  # side: backbone, --enc_layer
+
+
+def _rss_args(ctx, subj: Path, side: str) -> dict:
+    backbone, layers = RSS_SIDES[side]
+    return {"subj": str(subj), "store": str(ctx.dir / f"rss-{side}.zarr"), "backbone": backbone, "enc_layer": layers,
+            "arch": "tiny", "depth": LAYERS_DEPTH}
+
+
 def rows_layers(ctx) -> list[dict]:
     """L = 4 layers of both DINOv2 variants (8 arrays) in one run vs one variant at one layer, same images and model,
     interleaved; and the peak RSS of an `--enc_layer all` run of both variants vs a single-output run,
@@ -739,10 +777,10 @@ def rows_layers(ctx) -> list[dict]:
     log("layers: peak RSS of dinov2_q --enc_layer -1 and of dinov2_q,dinov2 --enc_layer all, two fresh processes at "
         "once (a peak does not depend on the other's CPU share; each interpreter start costs ~5 s)")
     with ThreadPoolExecutor(2) as pool:
-        runs = {side: pool.submit(child, "extract-rss", {
-            "subj": str(subj), "store": str(ctx.dir / f"rss-{side}.zarr"), "backbone": backbone, "enc_layer": layers,
-            "arch": "tiny", "depth": LAYERS_DEPTH}) for side, backbone, layers in (
-                ("one", "dinov2_q", -1), ("all", "dinov2_q,dinov2", "all"))}
+        def run(side: str) -> dict:
+            return early(ctx, f"rss-{side}") or child("extract-rss", _rss_args(ctx, subj, side))
+
+        runs = {side: pool.submit(run, side) for side in RSS_SIDES}
         rss = {side: f.result() for side, f in runs.items()}
     for side in rss:
         shutil.rmtree(ctx.dir / f"rss-{side}.zarr", ignore_errors=True)
@@ -920,6 +958,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx.pool = make_pool()
     rows: list[dict] = []
     try:
+        start_early(ctx, groups)
         for g, names, fn in GROUPS:
             if g not in groups:
                 continue
@@ -930,6 +969,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = [row(nm, None, "-", False, f"failed ({type(e).__name__}: {e})", "-", f"failed: {e}") for nm in names]
             rows.extend(got)
     finally:
+        if getattr(ctx, "early_pool", None) is not None:
+            ctx.early_pool.shutdown(wait=True)
         if ctx.keep:
             log(f"kept {ctx.dir}")
         else:
