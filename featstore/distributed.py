@@ -30,9 +30,8 @@ import numpy as np
 from ._progress import tqdm
 from .backbones import Backbone
 from .errors import BadArgumentError, ClusterError, FeatstoreError, Interrupted, StoreError, Terminated
-from .extract import ExtractConfig, ExtractResult, parse_shard
+from .extract import ExtractConfig, ExtractResult, SplitJob, build_backbone, parse_shard, resolve_device
 from .layout import Subject
-from .pipeline import SplitJob, build_backbone, resolve_device
 from .store import FeatureStore
 
 log = logging.getLogger(__name__)

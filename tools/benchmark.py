@@ -100,9 +100,9 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
     FeatureArray.write_chunks. Returns (seconds, bytes of the array on disk)."""
     import torch
 
-    from featstore.extract import ExtractConfig
-    from featstore.pipeline import BackgroundWriter, ChunkAssembler, _has_inf
+    from featstore.extract import ExtractConfig, _has_inf
     from featstore.store import FeatureStore
+    from featstore.writer import BackgroundWriter, ChunkAssembler
 
     fs = FeatureStore(root, mode="a")
     fa, _ = fs.prepare(FEATURE, SUBJ, SPLIT, shape=(n, T, C), chunk=1, dtype=dtype, meta=_meta(n), fingerprint={})
