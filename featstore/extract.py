@@ -36,7 +36,7 @@ from .errors import (
     Terminated,
 )
 from .layout import normalize_subj, read_subject
-from .store import DEFAULT_CODEC, FeatureArray, FeatureStore, check_writable_dir, compressors, is_url
+from .store import FeatureArray, FeatureStore, check_writable_dir, compressors, is_url
 from .writer import BackgroundWriter, ChunkAssembler
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class ExtractConfig:
     dtype: str = "float16"
     chunk: int = 1  # samples per chunk
     pack: int = 1  # chunks per stored object (zarr sharding); the unit of writing and of the completion record
-    codec: str = DEFAULT_CODEC
+    codec: str | None = None  # None: DEFAULT_CODEC for new arrays; an existing array keeps its own
     num_workers: int = 2  # image-decoding DataLoader workers
     shard: str | tuple[int, int] | None = None  # "K/N", (K, N) or "auto" (SLURM / torchrun variables)
     overwrite: bool = False
@@ -85,7 +85,8 @@ class ExtractConfig:
                 raise BadArgumentError(f"--{flag} {getattr(self, flag)}: must be >= 1")
         if self.num_workers < 0:
             raise BadArgumentError(f"--num_workers {self.num_workers}: must be >= 0")
-        compressors(self.codec, self.dtype)  # names the flag when unknown
+        if self.codec is not None:
+            compressors(self.codec, self.dtype)  # names the flag when unknown
         if isinstance(self.backbone, (str, list, tuple)):  # else a built Backbone
             parse_backbones(self.backbone)  # unknown names and unshareable mixes fail before anything is printed
             check_layer_spec(self.enc_layer)

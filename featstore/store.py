@@ -428,7 +428,7 @@ class FeatureStore:
         meta: dict[str, Any],
         fingerprint: dict[str, Any],
         overwrite: bool = False,
-        codec: str = DEFAULT_CODEC,
+        codec: str | None = None,
         pack: int = 1,
     ) -> tuple[FeatureArray, bool]:
         """Open the array for (feature, subj, split), creating it race-free; returns (array, created).
@@ -436,6 +436,9 @@ class FeatureStore:
         Several processes may call this at once (`--shard`): the array metadata is written with
         `set_if_not_exists`, so exactly one definition wins and everyone then checks its fingerprint.
         `overwrite` starts the array over only when its configuration differs (saying what is discarded).
+        An existing array resumes in its own storage format, and in its own codec unless `codec` is given (None:
+        DEFAULT_CODEC for a new array): a store begun by an older featstore, or with an older default, is finished
+        as it was begun, not refused.
         """
         path = array_path(feature, subj, split)
         uid = uuid.uuid4().hex[:16]
@@ -444,7 +447,7 @@ class FeatureStore:
         arr = zarr.create_array(
             mem, name=path, shape=shape, chunks=chunks, dtype=dtype,
             shards=(chunk * pack,) + tuple(shape[1:]) if pack > 1 else None,
-            compressors=compressors(codec, dtype), fill_value=np.nan,
+            compressors=compressors(codec or DEFAULT_CODEC, dtype), fill_value=np.nan,
             dimension_names=(image_dim(split), TOKEN_DIM, CHANNEL_DIM),
         )
         fingerprint = _jsonable({  # as stored (tuples become lists: the sharding codec's chunk_shape is a tuple)
@@ -460,9 +463,11 @@ class FeatureStore:
         key = f"{path}/zarr.json"
         if _chunkio.run(self.zstore.exists(key)):
             existing = self.get(feature, subj, split)
-            diff = fingerprint_diff(existing.fingerprint, fingerprint, existing.meta, meta)
+            kept = ("format_version", "codecs") if codec is None else ("format_version",)
+            diff = fingerprint_diff(existing.fingerprint, fingerprint, existing.meta, meta, ignore=kept)
             if not diff:
-                self._write_coordinates(split, f"{feature}/{subj}", meta.get("image_names", []))
+                if existing.format_version == FORMAT_VERSION:
+                    self._write_coordinates(split, f"{feature}/{subj}", meta.get("image_names", []))
                 return existing, False
             if not overwrite:
                 raise FingerprintMismatchError(
@@ -602,11 +607,13 @@ def check_writable_dir(path: Path, flag: str) -> None:
         raise StoreError(f"{flag} {p}: folder exists, is not empty and is not a featstore store")
 
 
-def fingerprint_diff(old: dict, new: dict, old_meta: dict | None = None, new_meta: dict | None = None) -> str:
-    """Human-readable summary of what differs between two fingerprints ('' when equal)."""
+def fingerprint_diff(old: dict, new: dict, old_meta: dict | None = None, new_meta: dict | None = None,
+                     ignore: tuple[str, ...] = ()) -> str:
+    """Human-readable summary of what differs between two fingerprints ('' when equal), leaving out the keys in
+    `ignore` (how an array is stored, never what its values are)."""
     diffs = []
     for k in sorted(set(old) | set(new)):
-        if k == "format_version" and old.get(k, 0) == new.get(k, 0):
+        if k in ignore or (k == "format_version" and old.get(k, 0) == new.get(k, 0)):
             continue
         if k == "pack" and old.get(k, 1) == new.get(k, 1):
             continue
@@ -614,9 +621,23 @@ def fingerprint_diff(old: dict, new: dict, old_meta: dict | None = None, new_met
             continue
         if k == "images" and old_meta and new_meta:
             diffs.append(image_list_diff(old_meta.get("image_names", []), new_meta.get("image_names", [])))
+        elif k == "codecs" and _codec_label(old.get(k)) != _codec_label(new.get(k)):
+            diffs.append(f"codec: stored {_codec_label(old.get(k))} vs now {_codec_label(new.get(k))}")
         else:
             diffs.append(_value_diff(k, old.get(k), new.get(k)))
     return "; ".join(diffs)
+
+
+def _codec_label(codecs: list[dict] | None) -> str:
+    """'none', 'blosc lz4 shuffle', ...: the compression steps of a codec list, as --codec users think of them."""
+    steps = []
+    for c in codecs or []:
+        cfg = c.get("configuration", {})
+        if c.get("name") == "blosc":
+            steps.append(f"blosc {cfg.get('cname')} {cfg.get('shuffle')}")
+        elif c.get("name") not in ("bytes", "crc32c"):
+            steps.append(str(c.get("name")))
+    return " + ".join(steps) or "none"
 
 
 def _value_diff(key: str, old: Any, new: Any) -> str:

@@ -114,6 +114,38 @@ def test_format0_store_stays_readable(tmp_path):
     assert {p.name for p in out} == {"train.npy", "synt.npy"}
 
 
+def test_interrupted_format0_store_resumes_in_its_own_format_and_codec(tmp_path, capsys):
+    """An extraction begun by the previous featstore (format 0, lz4 codec, then the default) and interrupted is
+    finished by rerunning the same command: only the missing sample is computed, in the array's own format and codec,
+    and the values equal those the old version wrote (sha256 recorded with the fixture)."""
+    import shutil
+
+    from featstore.sample import make_sample_subject
+
+    store = tmp_path / "old.zarr"
+    shutil.copytree(DATA / "format0_store", store)
+    subj = make_sample_subject(tmp_path / "data", n_train=3, n_test=1, seed=0)  # the fixture's images
+    fa = FeatureStore(store, mode="a").get("dinov2_q_last", "01", "train")
+    fa.mark_undone([1])
+    (store / "dinov2_q_last/01/train/c/1/0/0").unlink()  # as if killed before sample 1 was written
+    codecs_before = json.loads((store / "dinov2_q_last/01/train/zarr.json").read_text())["codecs"]
+    r = cli_here(capsys, "extract", "--data_dir", str(subj), "--output_dir", str(store), "--arch", "tiny",
+                 "--weights", "random", "--device", "cpu", "--num_workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert "dinov2_q_last/01/train: N=3" in r.stdout and "computed 1, skipped 2" in r.stdout, r.stdout
+    assert "dinov2_q_last/01/synt: N=1" in r.stdout and "computed 0, skipped 1" in r.stdout, r.stdout
+    expected = json.loads((DATA / "format0_store.json").read_text())["train"]["sha256"]
+    fa = FeatureStore(store).get("dinov2_q_last", "01", "train")
+    assert fa.format_version == 0 and fa.is_complete() and fa.verify().ok
+    assert hashlib.sha256(fa.read(0, 3).tobytes()).hexdigest() == expected
+    assert json.loads((store / "dinov2_q_last/01/train/zarr.json").read_text())["codecs"] == codecs_before
+    # a codec asked for explicitly is a different configuration
+    r = cli_here(capsys, "extract", "--data_dir", str(subj), "--output_dir", str(store), "--arch", "tiny",
+                 "--weights", "random", "--device", "cpu", "--num_workers", "0", "--codec", "none")
+    assert r.returncode == 2 and "codec: stored blosc lz4 shuffle vs now none" in r.stderr, r.stderr
+    assert "--overwrite" in r.stderr and fa.is_complete()
+
+
 def test_fingerprint_message_names_the_differing_codec_part():
     old = {"codecs": [{"name": "bytes"}, {"name": "blosc", "configuration": {"typesize": 2, "cname": "lz4"}}]}
     new = {"codecs": [{"name": "bytes"}, {"name": "blosc", "configuration": {"typesize": 4, "cname": "lz4"}}]}
