@@ -579,7 +579,7 @@ async def _set_if_not_exists(store: zarr.abc.store.Store, key: str, blob) -> Non
 
 
 def _proto():
-    from zarr.core.buffer import default_buffer_prototype
+    from zarr.buffer import default_buffer_prototype  # the public module (zarr.core is private)
 
     return default_buffer_prototype()
 
