@@ -385,7 +385,11 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="featstore: %(levelname)s: %(message)s")
     logging.getLogger("featstore").setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:  # distributed sets its own loggers to INFO: filter at the handler
-        handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.split(".")[0] == "featstore")
+        handler.addFilter(_others_from_warning)  # the same function each call: logging adds it once
+
+
+def _others_from_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "featstore"
 
 
 def _on_sigterm(signum, frame):

@@ -29,7 +29,7 @@ import numpy as np
 
 from ._progress import tqdm
 from .backbones import Backbone
-from .errors import BadArgumentError, ClusterError, FeatstoreError, Interrupted, StoreError, Terminated
+from .errors import BadArgumentError, ClusterError, FeatstoreError, Interrupted, StoreError, Terminated, one_line
 from .extract import ExtractConfig, ExtractResult, SplitJob, build_backbone, parse_shard, resolve_device
 from .layout import Subject
 from .store import FeatureStore
@@ -111,7 +111,7 @@ def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, finish
                 out = fut.result()
             except Exception as e:  # noqa: BLE001 - retries spent, or workers kept dying under it (KilledWorker)
                 raise ClusterError(
-                    f"{split}: the task for units {units[0]}-{units[-1]} failed on the cluster ({_one_line(e)}); "
+                    f"{split}: the task for units {units[0]}-{units[-1]} failed on the cluster ({one_line(e)}); "
                     "units finished before are kept; rerun the same command to resume"
                 ) from None
             if "error" in out:
@@ -137,10 +137,10 @@ def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, finish
 @contextlib.contextmanager
 def _client(scheduler: str | None, workers: int | None, gpu: bool) -> Iterator[Any]:
     """A Client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded processes; used
-    explicitly, never the process default (see stats._scheduler)."""
+    explicitly, never the process default (see stats.connect)."""
     import dask
 
-    from .stats import require_distributed
+    from .stats import connect, require_distributed
 
     distributed = require_distributed()
     if workers is not None:
@@ -156,11 +156,7 @@ def _client(scheduler: str | None, workers: int | None, gpu: bool) -> Iterator[A
         finally:
             nanny.removeFilter(_slow_exit)
         return
-    try:
-        client = distributed.Client(scheduler, timeout="10s", set_as_default=False)
-    except (OSError, TimeoutError, ValueError) as e:
-        raise BadArgumentError(f"cannot connect to the dask scheduler at {scheduler}: {_one_line(e)}") from None
-    with client:
+    with connect(scheduler) as client:
         yield client
 
 
@@ -229,11 +225,6 @@ def _worker_device(device: str) -> str:
     except (ImportError, ValueError):  # not on a dask worker
         pass
     return device
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 __all__ = ["extract_on_cluster"]

@@ -90,3 +90,9 @@ class Interrupted(FeatstoreError):
 
 class Terminated(KeyboardInterrupt):
     """Raised by the CLI's SIGTERM handler so extraction stops the same way as on Ctrl-C (exit 143)."""
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: first line of the message`, for the one-line user errors that wrap another library's exception."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

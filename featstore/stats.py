@@ -44,7 +44,7 @@ import dask.array as da
 import numpy as np
 from dask.callbacks import Callback
 
-from .errors import BadArgumentError, CorruptChunkError, FeatstoreError, NotFoundInStoreError, StoreError
+from .errors import BadArgumentError, CorruptChunkError, FeatstoreError, NotFoundInStoreError, StoreError, one_line
 from .store import FeatureArray, FeatureStore
 
 TASK_MB = 100  # decoded bytes per dask task (whole storage chunks along the image axis)
@@ -201,10 +201,20 @@ def require_distributed():
     return distributed
 
 
+def connect(address: str):
+    """A Client of the running cluster at `address` (shared with distributed.py), or a one-line error. Used
+    explicitly, never made the process default: a failed connection would leave dask's global scheduler on it."""
+    distributed = require_distributed()
+    try:
+        return distributed.Client(address, timeout="10s", set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as e:
+        raise BadArgumentError(f"cannot connect to the dask scheduler at {address}: {one_line(e)}") from None
+
+
 @contextlib.contextmanager
 def _scheduler(scheduler: str | None, workers: int | None):
-    """Yields a distributed Client, or None for dask's local schedulers (set for the duration). The Client is used
-    explicitly, never made the process default: a failed connection would leave dask's global scheduler on it."""
+    """Yields a distributed Client (used explicitly, see `connect`), or None for dask's local schedulers (set for the
+    duration)."""
     if scheduler is not None and workers is not None:
         raise BadArgumentError("give either --scheduler ADDRESS or --workers N, not both")
     if workers is None and (scheduler is None or scheduler in _LOCAL_SCHEDULERS):
@@ -223,11 +233,7 @@ def _scheduler(scheduler: str | None, workers: int | None):
         ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
             yield client
         return
-    try:
-        client = distributed.Client(scheduler, timeout="10s", set_as_default=False)
-    except (OSError, TimeoutError, ValueError) as e:
-        raise BadArgumentError(f"cannot connect to the dask scheduler at {scheduler}: {e}") from None
-    with client:
+    with connect(scheduler) as client:
         yield client
 
 

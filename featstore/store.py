@@ -37,6 +37,7 @@ from .errors import (
     IncompleteArrayError,
     NotFoundInStoreError,
     StoreError,
+    one_line,
 )
 from .layout import normalize_subj
 
@@ -369,12 +370,12 @@ class FeatureStore:
             try:
                 self.root = zarr.open_group(self.zstore, mode="r")
             except Exception as e:  # zarr raises several types for "not a group"  # noqa: BLE001
-                raise StoreError(f"{self.location}: cannot open as a Zarr group ({_one_line(e)})") from None
+                raise StoreError(f"{self.location}: cannot open as a Zarr group ({one_line(e)})") from None
         else:
             try:
                 self.root = _open_group(self.zstore, "")
             except Exception as e:  # noqa: BLE001 - e.g. /proc, a read-only mount, a bucket that refuses writes
-                raise StoreError(f"--output_dir {self.location}: cannot create a Zarr store there ({_one_line(e)})") from None
+                raise StoreError(f"--output_dir {self.location}: cannot create a Zarr store there ({one_line(e)})") from None
 
     def reopen(self, mode: str = "r") -> FeatureStore:
         """The same store opened again (in another process, or for writing)."""
@@ -461,9 +462,9 @@ class FeatureStore:
         for parent in (feature, f"{feature}/{subj}"):
             _open_group(self.zstore, parent)
         key = f"{path}/zarr.json"
+        kept = ("format_version", "codecs") if codec is None else ("format_version",)  # storage, not values
         if _chunkio.run(self.zstore.exists(key)):
             existing = self.get(feature, subj, split)
-            kept = ("format_version", "codecs") if codec is None else ("format_version",)
             diff = fingerprint_diff(existing.fingerprint, fingerprint, existing.meta, meta, ignore=kept)
             if not diff:
                 if existing.format_version == FORMAT_VERSION:
@@ -486,7 +487,7 @@ class FeatureStore:
         _chunkio.run(_set_if_not_exists(self.zstore, key, blob))
         fa = self.get(feature, subj, split)
         if fa.uid != uid:  # another process created it first: same checks as above
-            diff = fingerprint_diff(fa.fingerprint, fingerprint, fa.meta, meta)
+            diff = fingerprint_diff(fa.fingerprint, fingerprint, fa.meta, meta, ignore=kept)
             if diff:
                 raise FingerprintMismatchError(f"{path}: a concurrent writer created it differently ({diff})")
             return fa, False
@@ -563,7 +564,7 @@ def _fsspec_store(url: str, storage_options: dict[str, Any] | None, read_only: b
     try:
         return FsspecStore.from_url(url, storage_options=opts or None, read_only=read_only)
     except Exception as e:  # noqa: BLE001 - missing protocol package, bad options
-        raise StoreError(f"{url}: cannot open ({_one_line(e)})") from None
+        raise StoreError(f"{url}: cannot open ({one_line(e)})") from None
 
 
 async def _set_if_not_exists(store: zarr.abc.store.Store, key: str, blob) -> None:
@@ -665,11 +666,6 @@ def image_list_diff(old: list[str], new: list[str]) -> str:
 def _short(v: Any, n: int = 80) -> str:
     s = json.dumps(v, sort_keys=True, default=str)
     return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _jsonable(d: Any) -> Any:
