@@ -46,8 +46,8 @@ def add_extract_args(p: argparse.ArgumentParser, guide_defaults: bool = True) ->
     p.add_argument("--pack", type=int, default=1,
                    help="chunks per stored object (Zarr sharding), for object storage (default 1: no packing)")
     p.add_argument("--codec", default=None, choices=tuple(CODECS),
-                   help=f"chunk compression of new arrays, always followed by a crc32c checksum (default {DEFAULT_CODEC}; "
-                        "an existing array resumes in its own codec unless this is given)")
+                   help=f"chunk compression of new arrays, always followed by a crc32c checksum (default "
+                        f"{DEFAULT_CODEC}; an existing array resumes in its own codec unless this is given)")
     p.add_argument("--num_workers", type=int, default=2, help="image decoding DataLoader workers (default 2)")
     p.add_argument("--shard", default=None,
                    help="K/N: fill only share K (0-based) of N, for parallel writers; auto: from SLURM/torchrun")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,17 @@ class CompletionRecord:
         return removed
 
 
+_HELD: set[str] = set()  # the lock files this process holds
+_HELD_GUARD = threading.Lock()
+
+
 class WriterLock:
-    """An advisory lock (flock) per array and share: released when the holder exits or crashes.
+    """An advisory lock per array and share, released when the holder exits or crashes.
+
+    A POSIX record lock (lockf), not flock: an flock belongs to the open file, which the DataLoader workers forked
+    by extract inherit, so a killed extract's dying workers kept its share locked for a while and an immediate rerun
+    was refused. A record lock belongs to the process alone. Record locks do not exclude the process that holds
+    them, so a second acquire within the process is refused by the set of held paths.
 
     Only local stores can be locked; on object storage concurrent writers of one share are not detected.
     """
@@ -80,29 +90,39 @@ class WriterLock:
             self.path = local_root / array_path / f".featstore-lock-{k}of{n}"
         self._fd: int | None = None
 
+    def _refuse(self) -> StoreError:
+        return StoreError(
+            f"another extract is already writing the same share of {self.path.parent} (lock "
+            f"{self.path.name}); wait for it to finish, or give each process its own --shard K/N"
+        )
+
     def acquire(self) -> WriterLock:
         if self.path is None:
             return self
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise StoreError(
-                    f"another extract is already writing the same share of {self.path.parent} (lock "
-                    f"{self.path.name}); wait for it to finish, or give each process its own --shard K/N"
-                ) from None
-            raise
-        self._fd = fd  # nothing is written into the lock file: a rerun leaves the store's files untouched
+        key = str(self.path.resolve())
+        with _HELD_GUARD:
+            if key in _HELD:
+                raise self._refuse()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                    raise self._refuse() from None
+                raise
+            _HELD.add(key)
+        self._fd, self._key = fd, key  # nothing is written into the lock file: a rerun leaves the store untouched
         return self
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
+            with _HELD_GUARD:
+                os.close(self._fd)  # closing releases the record lock
+                _HELD.discard(self._key)
             self._fd = None
 
     def __enter__(self) -> WriterLock:  # noqa: PYI034

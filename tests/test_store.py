@@ -173,16 +173,61 @@ def test_overwrite_says_what_it_discards_and_keeps_an_unchanged_array(subject, t
     assert len(msgs) == 1 and "dinov2_q_last/01/train (6/6 chunks done)" in msgs[0] and "dtype" in msgs[0]
 
 
+# Hold the whole-array lock of dinov2_q_last/01/train in STORE as extract does; with FORK=1 also fork a child that
+# inherits the lock file's descriptor (as DataLoader workers do), then SIGKILL this process and leave the child alive.
+_HOLD_LOCK = """
+import os, signal, sys, time
+from pathlib import Path
+from featstore.completion import WriterLock
+WriterLock(Path(sys.argv[1]), "dinov2_q_last/01/train", (0, 1)).acquire()
+if sys.argv[2] == "1" and os.fork() == 0:
+    time.sleep(60)
+    os._exit(0)
+print("locked", os.getpid(), flush=True)
+if sys.argv[2] == "1":
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(60)
+"""
+
+
+def _session_alive(sid: int) -> bool:
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(p)) == sid:
+                return True
+        except OSError:  # exited meanwhile
+            pass
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the forked child in /proc")
+def test_lock_dies_with_its_holder_not_with_its_forked_children(store, tmp_path):
+    """A killed extract's loader workers (forked, so they share its open files) outlive it for a moment; the share
+    must be free as soon as the extract itself is gone, so that an immediate rerun is not refused."""
+    import signal
+
+    from featstore.completion import WriterLock
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(store), "1"], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    line = holder.stdout.readline().split()
+    holder.wait(timeout=60)
+    try:
+        assert line[0] == "locked" and holder.returncode == -signal.SIGKILL
+        assert _session_alive(holder.pid), "the forked child should still be alive, holding the inherited descriptor"
+        with WriterLock(store, "dinov2_q_last/01/train", (0, 1)):  # free at once, with the child still alive
+            pass
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+
+
 def test_second_writer_of_the_same_share_is_refused(subject, tmp_path, capsys):
     path = tmp_path / "l.zarr"
     extract(subject, path, backbone="dinov2_q", splits=["train"], shard="0/2", **TINY)
-    lock = path / "dinov2_q_last/01/train/.featstore-lock-0of1"
     holder = subprocess.Popen(  # another process holds the whole-array lock, as a running extract does
-        [sys.executable, "-c", (f"import fcntl, os, time; fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", _HOLD_LOCK, str(path), "0"], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert holder.stdout.readline().startswith("locked")
         before = FeatureStore(path).get("dinov2_q_last", "01", "train").done_mask()
         r = cli_here(capsys, "extract", "--data_dir", str(subject), "--output_dir", str(path), "--arch", "tiny",
                      "--weights", "random", "--device", "cpu", "--num_workers", "0")

@@ -117,9 +117,10 @@ class TransformerBrainEncoder(nn.Module):
 
     A linear projection (a 1x1 convolution) maps the C feature channels to hidden_dim when they differ (DINOv2's
     768 channels feed the default hidden_dim directly). It reads the grid as (B, H*W, C), a free view of
-    channels-last batches (`channels_last_collate`), so the loader need not transpose every sample. The readout is one linear layer per hemisphere (hidden_dim -> vertices)
-    applied to each of that hemisphere's queries; the ROI masks then keep, for each vertex, the outputs of the
-    queries of its ROIs (summed where ROIs overlap). With readout "voxels" query i reads out to vertex i only.
+    channels-last batches (`channels_last_collate`), so the loader need not transpose every sample. The readout is
+    one linear layer per hemisphere (hidden_dim -> vertices) applied to each of that hemisphere's queries; the ROI
+    masks then keep, for each vertex, the outputs of the queries of its ROIs (summed where ROIs overlap). With
+    readout "voxels" query i reads out to vertex i only.
     """
 
     def __init__(self, channels: int, readout: Readout, config: EncoderConfig = EncoderConfig()):
