@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import re
 import signal
 import sys
@@ -137,22 +138,29 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     fs = _open_store(args, mode="a" if args.repair else "r")
-    ok = True
+    ok, corrupt, missing = True, False, []
     for fa in fs.arrays():
         rep = fa.verify(repair=args.repair, progress=True)
         ok &= rep.ok
-        state = "ok" if rep.ok else "FAILED"
-        print(f"{fa.path}: {state}: {rep.done}/{rep.total} chunks done, {len(rep.corrupt)} corrupt, {len(rep.missing)} missing")
+        corrupt |= bool(rep.corrupt)
+        state = "ok" if rep.ok else "incomplete" if not (rep.corrupt or rep.problems) else "FAILED"
+        unit = fa.unit
+        print(f"{fa.path}: {state}: {rep.done}/{rep.total} {unit}s done, {len(rep.corrupt)} corrupt, "
+              f"{len(rep.missing)} missing")
         if rep.corrupt:
-            print(f"  corrupt chunks: {_ranges(rep.corrupt)}" + (" (marked not done)" if args.repair else ""))
+            print(f"  corrupt {unit}s: {_ranges(rep.corrupt)}" + (" (marked not done)" if args.repair else ""))
         if rep.missing:
-            print(f"  missing chunks: {_ranges(rep.missing)}")
+            print(f"  missing {unit}s: {_ranges(rep.missing)}")
+            missing.append(f"{fa.units(len(rep.missing))} of {fa.path}")
         for p in rep.problems:
             print(f"  {p}")
-    if args.repair and not ok:
+    if corrupt and args.repair:
         print("repaired: rerun the extract command to recompute the chunks marked not done")
-    elif not ok:
+    elif corrupt:
         print(f"to recompute corrupt chunks: featstore verify --repair {args.store}, then rerun the extract command")
+    elif missing:
+        print(f"incomplete, nothing corrupt: {', '.join(missing)} not written yet; rerun the extract command to "
+              "finish (no --repair needed)")
     return 0 if ok else 1
 
 
@@ -399,7 +407,9 @@ def _on_sigterm(signum, frame):
 def run(func, args) -> int:
     """Run a command; user errors become one line on stderr and their exit code."""
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handler, not at interpreter exit
+        return code
     except Interrupted as e:
         print(f"featstore: {e}", file=sys.stderr)
         return e.exit_code
@@ -414,8 +424,18 @@ def run(func, args) -> int:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     signal.signal(signal.SIGTERM, _on_sigterm)
-    args = build_parser().parse_args(argv)
-    return run(args.func, args)
+    try:
+        args = build_parser().parse_args(argv)  # --help prints too
+        return run(args.func, args)
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (`featstore info STORE | head -2`): stop quietly, as `cat` does. What is
+    still buffered would fail again at exit, so stdout is pointed at /dev/null first."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

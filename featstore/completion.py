@@ -80,6 +80,11 @@ class WriterLock:
     was refused. A record lock belongs to the process alone. Record locks do not exclude the process that holds
     them, so a second acquire within the process is refused by the set of held paths.
 
+    The lock file is removed on release, so a finished run leaves none behind (a killed one leaves an empty file that
+    the next run takes over). Removing it is safe against a concurrent acquirer: the holder unlinks the file while it
+    still holds the lock, and an acquirer that got the lock checks that its open file is still the one at the path;
+    if the holder removed it in between (the acquirer locked a file no one else can reach), it opens the path again.
+
     Only local stores can be locked; on object storage concurrent writers of one share are not detected.
     """
 
@@ -99,28 +104,48 @@ class WriterLock:
     def acquire(self) -> WriterLock:
         if self.path is None:
             return self
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
         with _HELD_GUARD:
             if key in _HELD:
                 raise self._refuse()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                    raise self._refuse() from None
-                raise
+            while (fd := self._try_lock()) is None:
+                pass  # the holder removed the file between our open and our lock: take the path's new file
             _HELD.add(key)
         self._fd, self._key = fd, key  # nothing is written into the lock file: a rerun leaves the store untouched
         return self
 
+    def _try_lock(self) -> int | None:
+        """The locked descriptor of the file now at the path, None if that file was removed meanwhile."""
+        import fcntl
+
+        fd = self._open()
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise self._refuse() from None
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        return fd
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
     def release(self) -> None:
         if self._fd is not None:
             with _HELD_GUARD:
+                try:
+                    self.path.unlink()  # while the lock is held: see the class docstring
+                except OSError:  # already gone, or a read-only folder: an empty file left behind is harmless
+                    pass
                 os.close(self._fd)  # closing releases the record lock
                 _HELD.discard(self._key)
             self._fd = None

@@ -246,8 +246,8 @@ def _undone_chunks(fa: FeatureArray) -> frozenset[int]:
 def _require_done(fa: FeatureArray, j: int, chunk_len: int, undone: frozenset[int]) -> None:
     if undone and j // chunk_len in undone:
         raise IncompleteArrayError(
-            f"{fa.path}: sample {j} is in chunk {j // chunk_len}, which is not written yet "
-            f"({fa.nchunks - len(undone)}/{fa.nchunks} chunks done); finish the extraction (rerun the same "
+            f"{fa.path}: sample {j} is in {fa.unit} {j // chunk_len}, which is not written yet "
+            f"({fa.progress(fa.nchunks - len(undone))} done); finish the extraction (rerun the same "
             "extract command) or pass indices of finished samples"
         )
 

@@ -31,6 +31,7 @@ from ._progress import tqdm
 from .backbones import Backbone
 from .errors import BadArgumentError, ClusterError, FeatstoreError, Interrupted, StoreError, Terminated, one_line
 from .extract import ExtractConfig, ExtractResult, SplitJob, build_backbone, parse_shard, resolve_device
+from .images import check_splits
 from .layout import Subject
 from .store import FeatureStore
 
@@ -57,31 +58,33 @@ def extract_on_cluster(subject: Subject, subj: str, output_dir: str | Path, cfg:
     if bb.weights.get("kind") == "random":
         log.warning("using RANDOM weights (seed %s) for %s: features are not pretrained",
                     bb.weights.get("seed"), ",".join(o.backbone for o in bb.outputs))
+    checked = check_splits(subject.images, bb.preprocess)  # every image's header, before anything is written
     fs = store or FeatureStore(output_dir, mode="a", storage_options=cfg.storage_options)
-    t0 = time.perf_counter()
     jobs = []
     for split, paths in subject.images.items():
-        job = SplitJob(fs, bb, cfg, subj, split, paths, share)
+        job = SplitJob(fs, bb, cfg, subj, split, paths, share, checked[split])
         arrays = job.prepare()
         todo = job.todo(arrays)
         jobs.append((job, arrays, sorted(set().union(*todo.values()))))
     result = ExtractResult(store=fs.location, feature=bb.outputs[0].feature)
     computed: dict[str, int] = {}
-    finished = {job.split: t0 for job, _, _ in jobs}
+    spans: dict[str, tuple[float, float]] = {}
     if any(left for _, _, left in jobs):
         with contextlib.ExitStack() as stack:
             for _, arrays, _ in jobs:  # one writer per share of a local store, as in a single-process run
                 for fa in arrays:
                     stack.enter_context(fa.lock(share))
             client = stack.enter_context(_client(scheduler, workers, gpu=cfg.device.startswith("cuda")))
-            computed, finished = _run_tasks(client, fs, cfg, jobs, share, finished)
+            computed, spans = _run_tasks(client, fs, cfg, jobs, share)
     for job, arrays, _ in jobs:
-        result.splits.extend(job.summaries(arrays, computed, finished[job.split] - t0))
+        start, end = spans.get(job.split, (0.0, 0.0))
+        result.splits.extend(job.summaries(arrays, computed, end - start))
     return result
 
 
-def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, finished: dict):
-    """Submit one task per range, follow them in one bar (rows), collect the rows computed per array."""
+def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share):
+    """Submit one task per range, follow them in one bar (rows); returns the rows computed per array and each
+    split's own span (its first task's start to its last task's end, as the workers timed them)."""
     import distributed
 
     n_workers = max(1, len(client.scheduler_info()["workers"]))
@@ -100,30 +103,31 @@ def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, finish
                                 job.paths, share, spec, units, retries=RETRIES, pure=False, resources=resources,
                                 key=f"featstore-{job.split}-{units[0]}-{units[-1]}-{os.urandom(4).hex()}")
             futures.append(fut)
-            meta[fut.key] = (job.split, units, rows)
+            meta[fut.key] = (job.split, units, rows, arrays[0].unit)
     computed: dict[str, int] = {}
+    spans: dict[str, tuple[float, float]] = {}
     bar = tqdm(total=sum(m[2] for m in meta.values()), desc=f"{jobs[0][0].subj}: {len(futures)} tasks on "
                f"{n_workers} workers", unit="img", disable=not cfg.progress, smoothing=0.1)
     try:
         for fut in distributed.as_completed(futures, loop=client.loop):
-            split, units, rows = meta[fut.key]
+            split, units, rows, unit = meta[fut.key]
             try:
                 out = fut.result()
             except Exception as e:  # noqa: BLE001 - retries spent, or workers kept dying under it (KilledWorker)
                 raise ClusterError(
-                    f"{split}: the task for units {units[0]}-{units[-1]} failed on the cluster ({one_line(e)}); "
-                    "units finished before are kept; rerun the same command to resume"
+                    f"{split}: the task for {unit}s {units[0]}-{units[-1]} failed on the cluster ({one_line(e)}); "
+                    f"{unit}s finished before are kept; rerun the same command to resume"
                 ) from None
             if "error" in out:
                 raise out["error"]
             for path, n in out["computed"].items():
                 computed[path] = computed.get(path, 0) + n
-            finished[split] = time.perf_counter()
+            start, end = spans.get(split, (out["started"], out["ended"]))
+            spans[split] = (min(start, out["started"]), max(end, out["ended"]))
             bar.update(rows)
     except KeyboardInterrupt as e:
         client.cancel(futures)
-        state = ", ".join(f"{int(fa.done_mask().sum())}/{fa.nchunks} chunks of {fa.path}"
-                          for _, arrays, _ in jobs for fa in arrays)
+        state = ", ".join(f"{fa.progress()} of {fa.path}" for _, arrays, _ in jobs for fa in arrays)
         code = 143 if isinstance(e, Terminated) else 130
         raise Interrupted(f"interrupted: {state} are done; rerun the same command to resume", exit_code=code) from None
     except BaseException:
@@ -131,26 +135,22 @@ def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share, finish
         raise
     finally:
         bar.close()
-    return computed, finished
+    return computed, spans
 
 
 @contextlib.contextmanager
 def _client(scheduler: str | None, workers: int | None, gpu: bool) -> Iterator[Any]:
     """A Client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded processes; used
     explicitly, never the process default (see stats.connect)."""
-    import dask
 
-    from .stats import connect, require_distributed
+    from .stats import connect, local_cluster
 
-    distributed = require_distributed()
     if workers is not None:
         nanny = logging.getLogger("distributed.nanny")
         nanny.addFilter(_slow_exit)
         try:  # non-daemonic workers may start their own image-decoding DataLoader workers (--num_workers)
-            with dask.config.set({"distributed.worker.daemon": False}), distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                silence_logs=logging.CRITICAL, resources={"GPU": 1} if gpu else None,
-            ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+            with local_cluster(workers, {"distributed.worker.daemon": False},
+                               resources={"GPU": 1} if gpu else None) as client:
                 client.wait_for_workers(workers)
                 yield client
         finally:
@@ -174,7 +174,9 @@ _models_lock = threading.Lock()
 def _fill_range(source, storage_options, cfg: ExtractConfig, subj: str, split: str, paths: list[Path],
                 share: tuple[int, int], spec: list[tuple[str, str]], units: list[int]) -> dict[str, Any]:
     """One task: compute the units of `units` still missing. featstore errors come back as data (a user mistake
-    such as a corrupt image is not retried); anything else raises, and dask retries the task."""
+    such as a corrupt image is not retried); anything else raises, and dask retries the task. The task times itself
+    with the wall clock (comparable across the cluster's processes), so each split reports its own time."""
+    started = time.time()
     try:
         bb, dev = _worker_backbone(cfg)
         if cfg.num_workers > 0 and multiprocessing.current_process().daemon:
@@ -194,7 +196,8 @@ def _fill_range(source, storage_options, cfg: ExtractConfig, subj: str, split: s
                 raise StoreError(f"{fa.path} in {fs.location} was replaced while this extraction ran (--overwrite "
                                  "elsewhere?); rerun the command")
             arrays.append(fa)
-        return {"computed": job.fill(arrays, job.todo(arrays, units), dev)}
+        computed = job.fill(arrays, job.todo(arrays, units), dev)
+        return {"computed": computed, "started": started, "ended": time.time()}
     except FeatstoreError as e:
         return {"error": e}
 

@@ -78,7 +78,7 @@ def _export_one(fa: FeatureArray, dest: Path, progress: bool) -> None:
             np.lib.format.write_array_header_1_0(f, header)
             try:
                 with contextlib.closing(_blocks(fa)) as blocks:  # closed at once: its reader threads stop
-                    bar = tqdm(blocks, total=fa.nchunks, desc=f"export {fa.path}", unit="chunk",
+                    bar = tqdm(blocks, total=fa.nchunks, desc=f"export {fa.path}", unit=fa.unit,
                                disable=None if progress else True)  # None: no bar where stderr is not a terminal
                     f.writelines(block.data for block in bar)
                 f.flush()

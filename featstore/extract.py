@@ -12,7 +12,6 @@ import hashlib
 import logging
 import re
 import shutil
-import signal
 import sys
 import time
 import types
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from ._progress import tqdm
 from .backbones.registry import check_layer_spec, check_weights_arg, get_backbone, parse_backbones
@@ -35,6 +33,7 @@ from .errors import (
     Interrupted,
     Terminated,
 )
+from .images import ImageFiles, SplitImages, check_splits, collate, quiet_worker, read_headers
 from .layout import normalize_subj, read_subject
 from .store import FeatureArray, FeatureStore, check_writable_dir, compressors, is_url
 from .writer import BackgroundWriter, ChunkAssembler
@@ -42,7 +41,7 @@ from .writer import BackgroundWriter, ChunkAssembler
 if TYPE_CHECKING:
     import torch
 
-    from .backbones import Backbone, Preprocess
+    from .backbones import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -102,25 +101,35 @@ class SplitSummary:
     dtype: str
     computed: int  # images computed by this run for this array
     skipped: int  # images whose units were already done (or belong to another share)
-    done_chunks: int
+    done_chunks: int  # units done: chunks, or packs with --pack (see `unit`)
     total_chunks: int
     bytes_on_disk: int
-    seconds: float
+    seconds: float  # this split's own time
+    unit: str = "chunk"  # what done_chunks counts: "chunk", or "pack" (K chunks in one object)
+    vs_float32: float = float("nan")  # stored bytes of the done units / float32 .npy bytes of their rows
 
     @property
     def ratio_vs_float32(self) -> float:
         """How many times smaller than the float32 .npy of the same data."""
-        raw = int(np.prod(self.shape)) * 4
-        return raw / self.bytes_on_disk if self.bytes_on_disk else float("nan")
+        return 1 / self.vs_float32 if self.vs_float32 > 0 else float("nan")
 
     def line(self) -> str:
         rate = self.computed / self.seconds if self.seconds > 0 else 0.0
         return (
             f"{self.path}: N={self.n} shape={self.shape} {self.dtype}, computed {self.computed}, "
-            f"skipped {self.skipped} (done {self.done_chunks}/{self.total_chunks} chunks), "
-            f"{self.bytes_on_disk / 1e6:.1f} MB on disk ({self.ratio_vs_float32:.2f}x smaller than float32 npy), "
+            f"skipped {self.skipped} (done {self.done_chunks}/{self.total_chunks} {self.unit}s), "
+            f"{self.bytes_on_disk / 1e6:.1f} MB on disk ({size_vs_npy(self.vs_float32)}), "
             f"{self.seconds:.1f} s ({rate:.1f} img/s)"
         )
+
+
+def size_vs_npy(r: float) -> str:
+    """Stored size against the float32 .npy of the same rows, plainly: "0.50x the size of", "same size as"."""
+    if np.isnan(r):
+        return "nothing stored yet"
+    if abs(r - 1) < 0.005:
+        return "same size as the float32 .npy"
+    return f"{r:.2f}x the size of the float32 .npy"
 
 
 @dataclass
@@ -146,47 +155,6 @@ class ExtractResult:
     @property
     def features(self) -> list[str]:
         return sorted({s.path.split("/")[0] for s in self.splits} | {p.path.split("/")[0] for p in self.planned})
-
-
-# ---- images -----------------------------------------------------------------------------------------------------------
-class ImageFiles:
-    """A map-style dataset for torch's DataLoader: decodes and preprocesses images in its workers; errors travel back
-    as data, not tracebacks."""
-
-    def __init__(self, paths: list[Path], indices: list[int], preprocess: Preprocess, input_hw: tuple[int, int]):
-        self.paths, self.indices, self.preprocess, self.input_hw = paths, indices, preprocess, tuple(input_hw)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        idx = self.indices[i]
-        path = self.paths[idx]
-        try:
-            with Image.open(path) as im:
-                x = self.preprocess(im)
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-            return idx, f"{path}: cannot decode image ({type(e).__name__}: {e})"
-        if tuple(x.shape[-2:]) != self.input_hw:
-            return idx, f"{path}: preprocessed size {tuple(x.shape[-2:])} differs from the split's {self.input_hw}"
-        return idx, x
-
-
-def _collate(items):
-    import torch
-
-    idx = [i for i, _ in items]
-    errors = [x for _, x in items if isinstance(x, str)]
-    if errors:
-        return idx, None, errors
-    return idx, torch.stack([x for _, x in items]), []
-
-
-def _quiet_worker(_: int) -> None:
-    """Loader workers leave SIGINT/SIGTERM to the main process, which stops them after settling its writes; a
-    group-wide signal (Ctrl-C, scancel, kill -- -PGID) then never kills a worker under the main process's feet."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---- shares, subjects ------------------------------------------------------------------------------------------------
@@ -273,8 +241,9 @@ def extract(
     if dry_run:
         fs = store or _open_for_plan(output_dir, cfg)
         bb = build_backbone(cfg, weights="random")  # shapes only: no weights are needed
+        checked = check_splits(subject.images, bb.preprocess)
         planned = [p for split, paths in subject.images.items()
-                   for p in SplitJob(fs, bb, cfg, subj, split, paths, share).plan()]
+                   for p in SplitJob(fs, bb, cfg, subj, split, paths, share, checked[split]).plan()]
         return ExtractResult(store=str(output_dir), feature=bb.outputs[0].feature, planned=planned)
     if store is None and not is_url(str(output_dir)):
         check_writable_dir(Path(output_dir), "--output_dir")  # before any model is loaded
@@ -284,6 +253,7 @@ def extract(
         return extract_on_cluster(subject, subj, output_dir, cfg, store=store, scheduler=scheduler, workers=workers)
     dev = resolve_device(cfg.device, cfg.shard)
     bb = build_backbone(cfg, weights=cfg.weights)
+    checked = check_splits(subject.images, bb.preprocess)  # every image's header, before anything is written
     if bb.weights.get("kind") == "random":
         log.warning("using RANDOM weights (seed %s) for %s: features are not pretrained",
                     bb.weights.get("seed"), bb.name)
@@ -293,7 +263,7 @@ def extract(
         log.info("%s", detect_shard(cfg.shard).line())
     result = ExtractResult(store=fs.location, feature=bb.outputs[0].feature)
     for split, paths in subject.images.items():
-        result.splits.extend(SplitJob(fs, bb, cfg, subj, split, paths, share).run(dev))
+        result.splits.extend(SplitJob(fs, bb, cfg, subj, split, paths, share, checked[split]).run(dev))
     return result
 
 def _open_for_plan(output_dir: str | Path, cfg: ExtractConfig) -> FeatureStore | None:
@@ -312,13 +282,12 @@ class SplitJob:
     loader_context: str | None = None  # start method of the image-decoding workers (None: torch's default)
 
     def __init__(self, fs: FeatureStore | None, bb: Backbone, cfg: ExtractConfig, subj: str, split: str,
-                 paths: list[Path], share: tuple[int, int]):
+                 paths: list[Path], share: tuple[int, int], images: SplitImages | None = None):
+        """`images`: the split's checked headers (check_splits); without them (a distributed task, whose client
+        checked them) the first image's header gives the size."""
         self.fs, self.bb, self.cfg, self.subj, self.split, self.paths, self.share = fs, bb, cfg, subj, split, paths, share
-        try:
-            with Image.open(paths[0]) as im:
-                self.input_hw = bb.preprocess.output_size((im.height, im.width))
-        except Exception as e:  # noqa: BLE001
-            raise CorruptImageError(f"{paths[0]}: cannot read image ({type(e).__name__}: {e})") from None
+        self.images = images
+        self.input_hw = images.input_hw if images else bb.preprocess.output_size(read_headers(paths[:1])[0][0])
         self.T, self.C, self.grid = bb.token_shape(self.input_hw)
         self.shape = (len(paths), self.T, self.C)
 
@@ -333,6 +302,7 @@ class SplitJob:
             **desc, "feature": feature, "subj": self.subj, "split": self.split, "input_size": list(self.input_hw),
             "token_layout": {"cls_index": self.bb.cls_index, "grid": list(self.grid), "n_tokens": self.T},
             "image_names": names, "image_sizes": sizes, "versions": _versions(),
+            **({"image_modes": self.images.modes, "converted_to_rgb": self.images.converted} if self.images else {}),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         return meta, fingerprint
@@ -404,12 +374,13 @@ class SplitJob:
     def summaries(self, arrays: list[FeatureArray], computed: dict[str, int], seconds: float) -> list[SplitSummary]:
         out = []
         for fa in arrays:
-            mask = fa.done_mask()
+            s = fa.summary()
             n_computed = computed.get(fa.path, 0)
             out.append(SplitSummary(
                 path=fa.path, n=len(self.paths), shape=fa.shape, dtype=self.cfg.dtype, computed=n_computed,
-                skipped=len(self.paths) - n_computed, done_chunks=int(mask.sum()), total_chunks=fa.nchunks,
-                bytes_on_disk=fa.nbytes_stored(), seconds=seconds,
+                skipped=len(self.paths) - n_computed, done_chunks=s["done"], total_chunks=fa.nchunks,
+                bytes_on_disk=s["bytes_on_disk"], seconds=seconds, unit=fa.unit,
+                vs_float32=1 / s["ratio_vs_float32"] if s["ratio_vs_float32"] > 0 else float("nan"),
             ))
         return out
 
@@ -443,9 +414,9 @@ class SplitJob:
         indices = [int(i) for i in np.flatnonzero(wanted)]
         loader = DataLoader(
             ImageFiles(paths, indices, bb.preprocess, self.input_hw),
-            batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=_collate,
+            batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, collate_fn=collate,
             pin_memory=dev.type == "cuda", prefetch_factor=2 if cfg.num_workers > 0 else None,
-            worker_init_fn=_quiet_worker if cfg.num_workers > 0 else None,
+            worker_init_fn=quiet_worker if cfg.num_workers > 0 else None,
             multiprocessing_context=self.loader_context if cfg.num_workers > 0 else None,
         )
         tdtype = torch.float16 if cfg.dtype == "float16" else torch.float32
@@ -487,7 +458,7 @@ class SplitJob:
             writer.close()  # the rows already computed are written: nothing finished is lost
             bar.close()
             code = 143 if isinstance(e, Terminated) else 130
-            state = ", ".join(f"{int(fa.done_mask().sum())}/{fa.nchunks} chunks of {fa.path}" for fa in arrays)
+            state = ", ".join(f"{fa.progress()} of {fa.path}" for fa in arrays)
             raise Interrupted(f"interrupted: {state} are done; rerun the same command to resume",
                               exit_code=code) from None
         except BaseException:

@@ -36,8 +36,14 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
 
 
+def suffixes() -> str:
+    """".png, .jpg or .jpeg": the image files a split folder is read for, for messages."""
+    return ", ".join(IMAGE_SUFFIXES[:-1]) + " or " + IMAGE_SUFFIXES[-1]
+
+
 def read_subject(data_dir: str | Path, splits: list[str] | None = None) -> Subject:
-    """List the subject's images per split. A missing train folder is an error; a missing test folder a warning."""
+    """List the subject's images (.png, .jpg, .jpeg) per split. A missing train folder is an error; a missing test
+    folder, or a split folder without images, is skipped with a warning; no images in any split is an error."""
     root = Path(data_dir)
     if not root.is_dir():
         raise LayoutError(f"--data_dir {root}: no such folder (expected an Algonauts subject folder like .../subj01)")
@@ -55,8 +61,12 @@ def read_subject(data_dir: str | Path, splits: list[str] | None = None) -> Subje
             continue
         files = _images_in(folder)
         if not files:
-            raise LayoutError(f"{folder}: no .png images")
+            log.warning("%s: no images (%s files); split %r skipped", folder, suffixes(), split)
+            continue
         images[split] = files
+    if not images:
+        raise LayoutError(f"--data_dir {root}: no images ({suffixes()} files) in "
+                          f"{' or '.join(f'{SPLIT_DIRS[s]}/' for s in wanted)}")
     return Subject(root=root, images=images)
 
 

@@ -221,19 +221,30 @@ def _scheduler(scheduler: str | None, workers: int | None):
         with dask.config.set(scheduler=scheduler or "threads"):
             yield None
         return
-    distributed = require_distributed()
+    require_distributed()
     if workers is not None:
         if workers < 1:
             raise BadArgumentError(f"--workers {workers}: need at least 1")
-        with tempfile.TemporaryDirectory(prefix="featstore-dask-") as scratch, dask.config.set(
-            {"temporary-directory": scratch}  # removed afterwards (dask leaves an empty dask-scratch-space behind)
-        ), distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            silence_logs=logging.CRITICAL,  # a failing task reaches the caller as its exception: one line
-        ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+        with local_cluster(workers) as client:
             yield client
         return
     with connect(scheduler) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def local_cluster(workers: int, config: dict | None = None, **kwargs):
+    """A Client of a LocalCluster of `workers` single-threaded processes, used explicitly (see `connect`). Its
+    scratch space (dask's `temporary-directory`, where workers keep dask-scratch-space/) is a folder of its own,
+    removed when the cluster closes, so a run leaves nothing in the temporary directory."""
+    distributed = require_distributed()
+    with tempfile.TemporaryDirectory(prefix="featstore-dask-") as scratch, dask.config.set(
+        {"temporary-directory": scratch, **(config or {})}
+    ), distributed.LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        silence_logs=logging.CRITICAL,  # a failing task reaches the caller as its exception: one line
+        **kwargs,
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
         yield client
 
 
@@ -405,7 +416,7 @@ def _corrupt_chunks_named(fa: FeatureArray):
         unit = int(text[len(_CORRUPT_TAG):].split(":", 1)[0])
         fa.read(*fa.chunk_range(unit))  # raises CorruptChunkError
         raise CorruptChunkError(  # the unit read back fine here (a transient fault): still one line
-            f"{fa.path}: chunk {unit} failed to decode ({text.split(': ', 1)[-1].splitlines()[0]}); "
+            f"{fa.path}: {fa.unit} {unit} failed to decode ({text.split(': ', 1)[-1].splitlines()[0]}); "
             f"run `featstore verify {fa.store.location}`"
         ) from None
 

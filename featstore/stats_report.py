@@ -19,8 +19,9 @@ CONSTANT_ULPS = 4  # a channel whose std is below 4 units in the last place of i
 # ---- the store --------------------------------------------------------------------------------------------------------
 def format_info(store) -> str:
     """The `featstore info` table: one row per array with shape, dtype, chunks, bytes on disk, compression ratios,
-    completion and weights. The ratios count the done chunks only, so an incomplete array is not flattered;
-    they show "-" while no chunk is done."""
+    completion and weights. The ratios count the done chunks only (raw bytes against the stored bytes of those same
+    chunks), so an incomplete array is not flattered; they show "-" while no chunk is done. Completion counts the
+    unit a done marker covers, named: "40/40 chunks", or "5/5 packs" where --pack put K chunks in one object."""
     from .store import FeatureStore
 
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store, mode="r")
@@ -30,9 +31,10 @@ def format_info(store) -> str:
         w = a["weights"]
         wdesc = w.get("kind", "?") + (f" seed={w['seed']}" if w.get("kind") == "random" else f" {w.get('name', '')}")
         rows.append((
-            fa.path, "x".join(map(str, a["shape"])), a["dtype"], "x".join(map(str, a["chunks"])),
+            fa.path, "x".join(map(str, a["shape"])), a["dtype"],
+            "x".join(map(str, a["chunks"])) + (f" ({a['chunks_per_unit']}/pack)" if a["unit"] == "pack" else ""),
             f"{a['bytes_on_disk'] / 1e6:.1f} MB", _ratio(a["ratio"]), _ratio(a["ratio_vs_float32"]),
-            f"{a['done']}/{a['total']}", wdesc.strip(),
+            f"{a['done']}/{a['total']} {a['unit']}s", wdesc.strip(),
         ))
     if len(rows) == 1:
         return f"{fs.location}: no arrays"

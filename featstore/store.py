@@ -7,7 +7,7 @@ Layout of a store (a Zarr v3 group; a local folder or any fsspec URL such as s3:
                                              fill_value NaN, chunks of K samples (optionally packed into shards)
     {feature}/{subj}/{split}_image           coordinate: image file names (variable-length strings)
     {feature}/{subj}/{split}_nsd_id          coordinate: NSD ids parsed from the names (-1 where absent)
-    {feature}/{subj}/{split}/done-{uid}/{i}  the completion record (completion.py)
+    {feature}/{subj}/{split}/done-{uid}/{i}  the completion record (completion.py): unit i (a chunk, or a pack) is done
     {feature}/{subj}/{split}_stats           group of small arrays written by `featstore stats`
 
 Format version 1 (recorded as attrs["featstore"]["format_version"]). Version 0 stores (fill 0, one "image"
@@ -94,7 +94,8 @@ class VerifyReport:
 class FeatureArray:
     """One (N, T, C) feature array plus its completion record.
 
-    A "unit" is what one write fills and one done marker covers: a chunk, or a whole shard when packed (--pack).
+    A "unit" is what one write fills and one done marker covers: a chunk, or a whole pack (a Zarr shard of K chunks)
+    with --pack K. Messages name it (`unit`, `units`), so a count of packs never reads as a count of chunks.
     """
 
     def __init__(self, store: FeatureStore, path: str, array: zarr.Array):
@@ -166,6 +167,24 @@ class FeatureArray:
     def chunk_range(self, i: int) -> tuple[int, int]:
         return i * self.chunk_len, min((i + 1) * self.chunk_len, self.shape[0])
 
+    @property
+    def unit(self) -> str:
+        """What one done marker covers, in messages: "chunk", or "pack" when K chunks are packed in one object."""
+        return "pack" if self.packed else "chunk"
+
+    @property
+    def chunks_per_unit(self) -> int:
+        return self.chunk_len // int(self.zarr.chunks[0])
+
+    def units(self, n: int) -> str:
+        """`n` units with their name: "1 chunk", "5 packs"."""
+        return f"{n} {self.unit}{'' if n == 1 else 's'}"
+
+    def progress(self, done: int | None = None) -> str:
+        """"20/160 chunks" or "5/5 packs": the units done out of all, named."""
+        done = int(self.done_mask().sum()) if done is None else done
+        return f"{done}/{self.nchunks} {self.unit}s"
+
     # ---- completion record ------------------------------------------------------------------------------------
     def done_mask(self) -> np.ndarray:
         """Boolean (nchunks,): which units are durably written. One listing, no chunk reads."""
@@ -178,7 +197,7 @@ class FeatureArray:
         mask = self.done_mask()
         if not mask.all():
             raise IncompleteArrayError(
-                f"{self.path} is incomplete ({int(mask.sum())}/{self.nchunks} chunks done); "
+                f"{self.path} is incomplete ({self.progress(int(mask.sum()))} done); "
                 f"finish the extraction (rerun the same extract command) before {what}"
             )
 
@@ -281,7 +300,7 @@ class FeatureArray:
         reason = text.splitlines()[0].split(". ")[0] if text else type(e).__name__  # not the raw checksum bytes
         where = self.store.location
         return CorruptChunkError(
-            f"{self.path}: chunk {unit} is corrupt ({reason}); run `featstore verify --repair {where}`, "
+            f"{self.path}: {self.unit} {unit} is corrupt ({reason}); run `featstore verify --repair {where}`, "
             "then rerun the extract command to recompute it"
         )
 
@@ -301,7 +320,7 @@ class FeatureArray:
             problems.append(f"{len(self.image_names)} image names recorded for {self.shape[0]} rows")
         mask = self.done_mask()
         corrupt = []
-        for i in tqdm(np.flatnonzero(mask), desc=f"verify {self.path}", disable=not progress, unit="chunk"):
+        for i in tqdm(np.flatnonzero(mask), desc=f"verify {self.path}", disable=not progress, unit=self.unit):
             a, b = self.chunk_range(int(i))
             try:
                 if not self.packed and not _chunkio.run(
@@ -319,21 +338,38 @@ class FeatureArray:
         return VerifyReport(self.path, self.nchunks, int(mask.sum()), corrupt, missing, problems)
 
     def summary(self) -> dict[str, Any]:
-        """What `featstore info` shows: ratios count the done units only, so a partial array is not flattered."""
-        disk = self.nbytes_stored()
+        """What `featstore info` shows. The ratios set the raw bytes of the done units against the stored bytes of
+        those same units, so neither a partial array nor the files of units written but never marked done (a run
+        stopped by a full disk) skew them; "bytes_on_disk" is everything the array takes."""
         mask = self.done_mask()
-        rows_done = sum(b - a for a, b in (self.chunk_range(int(i)) for i in np.flatnonzero(mask)))
+        done = [int(i) for i in np.flatnonzero(mask)]
+        rows_done = sum(b - a for a, b in map(self.chunk_range, done))
         raw = rows_done * int(np.prod(self.shape[1:]))
+        stored = self.nbytes_units(done)
         return {
             "path": self.path, "shape": self.shape, "dtype": str(self.dtype), "chunks": tuple(self.zarr.chunks),
-            "bytes_on_disk": disk,
-            "ratio": raw * self.dtype.itemsize / disk if disk and raw else float("nan"),
-            "ratio_vs_float32": raw * 4 / disk if disk and raw else float("nan"),
-            "done": int(mask.sum()), "total": self.nchunks, "weights": self.meta.get("weights", {}),
+            "unit": self.unit, "chunks_per_unit": self.chunks_per_unit,
+            "bytes_on_disk": self.nbytes_stored(), "bytes_done": stored,
+            "ratio": raw * self.dtype.itemsize / stored if stored and raw else float("nan"),
+            "ratio_vs_float32": raw * 4 / stored if stored and raw else float("nan"),
+            "done": len(done), "total": self.nchunks, "weights": self.meta.get("weights", {}),
         }
 
     def nbytes_stored(self) -> int:
+        """Bytes of everything under the array: its units (done or not), metadata and completion record."""
         return int(_chunkio.run(self.store.zstore.getsize_prefix(self.path)))
+
+    def nbytes_units(self, units: list[int]) -> int:
+        """Stored bytes of these units' objects (a missing one counts 0): one stat each on a local disk."""
+        if self.store.local_root is not None:
+            total = 0
+            for p in self._unit_files(self.store.local_root, units):
+                try:
+                    total += p.stat().st_size
+                except FileNotFoundError:
+                    pass
+            return total
+        return int(_chunkio.run(_sizes(self.store.zstore, [f"{self.path}/{self._chunk_key(i)}" for i in units])))
 
 
 class FeatureStore:
@@ -479,8 +515,8 @@ class FeatureStore:
             import logging
 
             logging.getLogger(__name__).warning(
-                "--overwrite: discarding %s (%d/%d chunks done) because its configuration changed (%s)",
-                path, done, existing.nchunks, diff,
+                "--overwrite: discarding %s (%s done) because its configuration changed (%s)",
+                path, existing.progress(done), diff,
             )
             self.delete(path)
         blob = _chunkio.run(mem.get(key, _proto()))
@@ -565,6 +601,22 @@ def _fsspec_store(url: str, storage_options: dict[str, Any] | None, read_only: b
         return FsspecStore.from_url(url, storage_options=opts or None, read_only=read_only)
     except Exception as e:  # noqa: BLE001 - missing protocol package, bad options
         raise StoreError(f"{url}: cannot open ({one_line(e)})") from None
+
+
+async def _sizes(store: zarr.abc.store.Store, keys: list[str]) -> int:
+    """Sum of the sizes of `keys` (missing ones count 0), a bounded number of requests in flight."""
+    import asyncio
+
+    sem = asyncio.Semaphore(int(zarr.config.get("async.concurrency") or 10))
+
+    async def one(key: str) -> int:
+        async with sem:
+            try:
+                return int(await store.getsize(key))
+            except FileNotFoundError:
+                return 0
+
+    return sum(await asyncio.gather(*map(one, keys)))
 
 
 async def _set_if_not_exists(store: zarr.abc.store.Store, key: str, blob) -> None:

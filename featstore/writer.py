@@ -76,7 +76,7 @@ class BackgroundWriter:
         self.cv = threading.Condition()
         self.pending = 0
         self.error: BaseException | None = None
-        self.failed: tuple[str, int] | None = None
+        self.failed: tuple[str, int, str] | None = None  # array, first unit of the failed write, unit name
         self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
         self.thread.start()
 
@@ -92,7 +92,7 @@ class BackgroundWriter:
                     if self.on_written is not None:
                         self.on_written(len(data))
             except BaseException as e:  # noqa: BLE001 - reported to the main thread
-                self.error, self.failed = e, (fa.path, first)
+                self.error, self.failed = e, (fa.path, first, fa.unit)
             finally:
                 with self.cv:
                     self.pending -= data.nbytes
@@ -110,10 +110,10 @@ class BackgroundWriter:
         if self.error is not None:
             e = self.error
             reason = getattr(e, "strerror", None) or str(e)
-            path, unit = self.failed
+            path, unit, kind = self.failed
             raise StoreWriteError(
-                f"writing chunk {unit} of {path} failed: {reason}; "
-                "chunks written before are kept; fix the cause and rerun the same command to resume"
+                f"writing {kind} {unit} of {path} failed: {reason}; "
+                f"{kind}s written before are kept; fix the cause and rerun the same command to resume"
             ) from e
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY, cli_here, run_cli
 
 import featstore
 from featstore.cli import build_parser, main
@@ -276,3 +276,84 @@ def test_extract_features_new_help_and_wrote_lines(subject, tmp_path, capsys, ca
     expected = [f"wrote {out / FEATURE / '01' / s}.npy" for s in ("synt", "train")]
     assert sorted(line for line in said if "wrote" in line) == expected, said
     assert np.load(out / FEATURE / "01" / "train.npy").shape[:2] == (6, 962)
+
+
+# ---- what users read after a partial run, a packed run, or through a closed pipe -------------------------------------
+def _partial_store(root: Path, written: int, done: int, pack: int = 1) -> Path:
+    """An uncompressed float16 array of 12 one-sample chunks: `written` units written, the first `done` of them
+    marked done (the others as a run stopped by a full disk leaves them: files, no marker)."""
+    fs = featstore.FeatureStore(root, "a")
+    x = np.random.default_rng(0).standard_normal((12, 17, 64)).astype("float16")
+    fa, _ = fs.prepare("feat", "01", "train", shape=x.shape, chunk=1, dtype="float16", fingerprint={}, codec="none",
+                       pack=pack, meta={"token_layout": {"cls_index": 0, "grid": [4, 4], "n_tokens": 17},
+                                        "image_names": [f"img{i:05d}.png" for i in range(12)]})
+    rows = min(written * fa.chunk_len, 12)
+    fa.write_chunks(0, x[:rows], durable=False)
+    fa.mark_undone(list(range(done, written)))
+    return root
+
+
+def _info_cells(out: str, array: str) -> dict[str, str]:
+    """The cells of `array`'s row of the `info` table, cut at the header's column starts."""
+    lines = out.splitlines()
+    head, row = lines[1], next(line for line in lines if line.startswith(array + " "))
+    names = ["array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights"]
+    starts = [head.index(n) for n in names] + [None]
+    return {n: row[a:b].strip() for n, a, b in zip(names, starts, starts[1:])}
+
+
+def test_info_ratio_ignores_chunks_written_but_not_marked_done(tmp_path, capsys):
+    """A disk-full run: 8 chunk files written, 4 marked done. An uncompressed float16 array stores 1.00x its raw
+    bytes (plus a 4-byte checksum a chunk) and half the float32 .npy, whatever lies around undone."""
+    store = _partial_store(tmp_path / "s.zarr", written=8, done=4)
+    r = cli_here(capsys, "info", str(store))
+    assert r.returncode == 0, r.stderr
+    cells = _info_cells(r.stdout, "feat/01/train")
+    assert (cells["ratio"], cells["vs f32 npy"], cells["done"]) == ("1.00x", "2.00x", "4/12 chunks"), cells
+
+
+def test_verify_of_an_incomplete_array_says_rerun_the_extract_not_repair(tmp_path, capsys):
+    store = _partial_store(tmp_path / "s.zarr", written=5, done=5)
+    r = cli_here(capsys, "verify", str(store))
+    assert r.returncode == 1
+    lines = r.stdout.splitlines()
+    assert lines[0] == "feat/01/train: incomplete: 5/12 chunks done, 0 corrupt, 7 missing", lines
+    assert lines[-1] == ("incomplete, nothing corrupt: 7 chunks of feat/01/train not written yet; rerun the extract "
+                         "command to finish (no --repair needed)"), lines
+    assert "verify --repair" not in r.stdout
+
+
+def test_a_packed_array_counts_packs_wherever_units_are_counted(subject, tmp_path, capsys):
+    """--pack 4 over 6 one-sample chunks: 2 packs of 4 chunks are the units done, written and checked."""
+    store = tmp_path / "p.zarr"
+    r = cli_here(capsys, "extract", "--data_dir", str(subject), "--output_dir", str(store), "--arch", "tiny",
+                 "--weights", "random", "--device", "cpu", "--num_workers", "0", "--pack", "4")
+    assert r.returncode == 0, r.stderr
+    train = next(line for line in r.stdout.splitlines() if line.startswith(f"{FEATURE}/01/train:"))
+    assert "(done 2/2 packs)" in train, train
+    r = cli_here(capsys, "info", str(store))
+    cells = _info_cells(r.stdout, f"{FEATURE}/01/train")
+    assert (cells["chunks"], cells["done"]) == ("1x962x48 (4/pack)", "2/2 packs"), cells
+    fa = featstore.FeatureStore(store, "a").get(FEATURE, "01", "train")
+    fa.mark_undone([1])
+    with pytest.raises(featstore.errors.IncompleteArrayError, match=r"\(1/2 packs done\)"):
+        fa.require_complete()
+    r = cli_here(capsys, "verify", str(store))
+    assert f"{FEATURE}/01/train: incomplete: 1/2 packs done, 0 corrupt, 1 missing" in r.stdout
+    assert "  missing packs: 1" in r.stdout and f"1 pack of {FEATURE}/01/train not written yet" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["info", "STORE"], ["verify", "STORE"]])
+def test_a_closed_pipe_ends_the_command_quietly(stores, args):
+    """`featstore info STORE | head -2`: the reader is gone before featstore writes. No traceback, no 'Exception
+    ignored' at exit: the exit status of a process ended by SIGPIPE (141), as `cat` gives."""
+    good, _ = stores
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the first write fails with EPIPE
+    try:
+        p = subprocess.run([sys.executable, "-m", "featstore.cli", *[str(good) if a == "STORE" else a for a in args]],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    finally:
+        os.close(write_end)
+    assert p.returncode == 141, p.stderr
+    assert "Error" not in p.stderr and "Exception" not in p.stderr and "featstore:" not in p.stderr, p.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import dask
@@ -138,3 +139,28 @@ def test_cli_flags_and_errors(subj, tmp_path):
     assert r.returncode == 2 and "not allowed with argument" in r.stderr, r.stderr
     with pytest.raises(BadArgumentError, match="--workers 0"):
         extract(subj, tmp_path / "s.zarr", backbone="dinov2_q", workers=0, **TINY)
+
+
+def test_each_split_reports_its_own_time(client, tmp_path):
+    """Each split's seconds lie within the compute time of its own tasks, as dask's task stream records it (the
+    synt line used to report the time from the start of the run, train's work included, to its last task)."""
+    subj = make_sample_subject(tmp_path / "d", subj="01", n_train=12, n_test=1, seed=3)
+    with get_task_stream(client) as ts:
+        res = extract(subj, tmp_path / "s.zarr", backbone="dinov2_q", scheduler=client.scheduler.address, **TINY)
+    assert [s.computed for s in res.splits] == [12, 1]
+    for s in res.splits:
+        split = s.path.rsplit("/", 1)[1]
+        computes = [ss for t in ts.data if str(t["key"]).startswith(f"featstore-{split}-")
+                    for ss in t["startstops"] if ss["action"] == "compute"]
+        window = max(c["stop"] for c in computes) - min(c["start"] for c in computes)
+        assert 0 < s.seconds <= window + 0.05, (split, s.seconds, window)  # dask reads its clock elsewhere
+
+
+def test_local_cluster_scratch_space_is_featstores_own_folder(client):
+    """Workers keep dask-scratch-space/ in a folder featstore removes with the cluster, not in the temporary
+    directory itself, where it used to be left behind."""
+    tmp = Path(tempfile.gettempdir()).resolve()
+    dirs = client.run(lambda dask_worker: dask_worker.local_directory)
+    for d in map(Path, dirs.values()):
+        rel = d.resolve().relative_to(tmp)
+        assert rel.parts[0].startswith("featstore-dask-"), d

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import numpy as np
@@ -11,6 +12,7 @@ import zarr
 from PIL import Image
 
 from featstore import export_npy, extract, get_backbone
+from featstore.errors import LayoutError
 from featstore.store import FeatureStore
 from tests.conftest import TINY, run_cli
 
@@ -245,3 +247,67 @@ def test_cli_export_info_verify_errors(subject, tmp_path):
     assert not list((tmp_path / "npy").rglob("*.npy"))
     r = run_cli("verify", str(store))
     assert r.returncode == 1 and "missing chunks: 2" in r.stdout
+
+
+# ---- the images of a run: odd sizes, empty folders, non-RGB modes; the summary line ------------------------------
+TRAIN_DIR, TEST_DIR = "training_split/training_images", "test_split/test_images"
+
+
+def test_an_odd_sized_image_is_refused_up_front_by_name(fresh_subject, tmp_path, capsys):
+    from conftest import cli_here
+
+    odd = sorted((fresh_subject / TRAIN_DIR).iterdir())[4]
+    Image.open(odd).convert("RGB").resize((500, 500)).save(odd)
+    out = tmp_path / "s.zarr"
+    r = cli_here(capsys, *_extract_args(fresh_subject, out))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == [(
+        f"featstore: error: {fresh_subject / TRAIN_DIR}: 1 of 6 images differ in size from the others (425x425 px): "
+        f"{odd.name} (500x500 px); resize or remove them, or pass --image_size S to resize every image to SxS; "
+        "nothing was written")]
+    assert not out.exists()
+    res = extract(fresh_subject, out, backbone="dinov2_q", image_size=224, **TINY)  # the advice works
+    assert res.splits[0].shape[1] == 1 + 16 * 16
+
+
+def test_an_empty_split_is_skipped_and_jpg_images_are_read(fresh_subject, tmp_path, caplog):
+    for p in (fresh_subject / TEST_DIR).iterdir():
+        p.unlink()
+    for p in sorted((fresh_subject / TRAIN_DIR).iterdir())[:2]:
+        Image.open(p).convert("RGB").save(p.with_suffix(".jpg"), quality=95)
+        p.unlink()
+    res = extract(fresh_subject, tmp_path / "s.zarr", backbone="dinov2_q", **TINY)
+    assert [(s.path, s.computed) for s in res.splits] == [("dinov2_q_last/01/train", 6)]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "skipped" in r.getMessage()]
+    assert said == [f"{fresh_subject / TEST_DIR}: no images (.png, .jpg or .jpeg files); split 'synt' skipped"]
+    for p in (fresh_subject / TRAIN_DIR).iterdir():
+        p.unlink()
+    with pytest.raises(LayoutError, match=r"no images \(\.png, \.jpg or \.jpeg files\) in "
+                                          r"training_split/training_images/ or test_split/test_images/"):
+        extract(fresh_subject, tmp_path / "t.zarr", backbone="dinov2_q", **TINY)
+
+
+def test_non_rgb_images_are_converted_counted_once_and_recorded(fresh_subject, tmp_path, caplog):
+    train = sorted((fresh_subject / TRAIN_DIR).iterdir())
+    for p, mode in zip(train, ("L", "L", "RGBA")):
+        Image.open(p).convert(mode).save(p)
+    synt = min((fresh_subject / TEST_DIR).iterdir())
+    Image.open(synt).convert("CMYK").save(synt.with_suffix(".jpg"), quality=95)
+    synt.unlink()
+    caplog.set_level(logging.INFO, logger="featstore")
+    extract(fresh_subject, tmp_path / "s.zarr", backbone="dinov2_q", **TINY)
+    said = [r.getMessage() for r in caplog.records if "RGB" in r.getMessage()]
+    assert said == [("converting 4 of 8 images to RGB (2 greyscale (L), 1 RGBA, 1 CMYK), as the backbone expects; "
+                     "recorded as converted_to_rgb in the arrays' provenance")], said
+    fs = FeatureStore(tmp_path / "s.zarr")
+    tr, sy = (fs.get("dinov2_q_last", "01", s).provenance for s in ("train", "synt"))
+    assert (tr["converted_to_rgb"], tr["image_modes"]) == (3, {"L": 2, "RGBA": 1, "RGB": 3})
+    assert (sy["converted_to_rgb"], sy["image_modes"]) == (1, {"CMYK": 1, "RGB": 1})
+
+
+def test_summary_line_gives_the_size_against_the_float32_npy_plainly(subject, tmp_path):
+    f32 = extract(subject, tmp_path / "a.zarr", backbone="dinov2_q", dtype="float32", codec="none", **TINY)
+    f16 = extract(subject, tmp_path / "b.zarr", backbone="dinov2_q", codec="none", **TINY)
+    assert "MB on disk (same size as the float32 .npy)" in f32.splits[0].line(), f32.splits[0].line()
+    assert "MB on disk (0.50x the size of the float32 .npy)" in f16.splits[0].line(), f16.splits[0].line()
+    assert "smaller" not in f32.splits[0].line()

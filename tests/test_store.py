@@ -321,3 +321,71 @@ def test_extract_argument_errors_come_before_torch(subject, tmp_path, flag, valu
     assert "rc 2 heavy: []" in r.stdout, (r.stdout, r.stderr)
     assert r.stderr.count("featstore: error:") == 1 and flag in r.stderr, r.stderr
     assert not (tmp_path / "s.zarr").exists()
+
+
+# ---- what a run leaves behind: no lock file after a clean finish, and removing it races safely -------------------------
+def test_a_finished_extract_leaves_no_lock_file(subject, tmp_path):
+    path = tmp_path / "s.zarr"
+    extract(subject, path, backbone="dinov2_q", **TINY)
+    extract(subject, path, backbone="dinov2_q", shard="1/2", **TINY)  # a rerun, and another share
+    assert not list(path.rglob(".featstore-lock-*"))
+
+
+# Hold the lock of dinov2_q_last/01/train in STORE; on "release" from stdin, release it (removing the file) and say so;
+# on "try", try to acquire it once more and print whether that was refused.
+_LOCK_PEER = """
+import sys
+from pathlib import Path
+from featstore.completion import WriterLock
+from featstore.errors import StoreError
+lock = WriterLock(Path(sys.argv[1]), "dinov2_q_last/01/train", (0, 1))
+if sys.argv[2] == "hold":
+    lock.acquire()
+    print("locked", flush=True)
+    sys.stdin.readline()
+    lock.release()
+    print("released", flush=True)
+    sys.stdin.readline()
+else:
+    try:
+        lock.acquire()
+        print("acquired", flush=True)
+    except StoreError:
+        print("refused", flush=True)
+"""
+
+
+def test_lock_removed_by_its_holder_between_an_acquirers_open_and_lock_is_not_taken_twice(tmp_path):
+    """The worst interleaving of removal on release: we open the lock file, then its holder (another process)
+    releases and removes it, then we lock the descriptor we opened (which nothing guards any more). We must notice
+    and lock the file at the path instead, so that a third process is refused while we hold it."""
+    from featstore.completion import WriterLock
+
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_PEER, str(tmp_path), "hold"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+
+        class HolderLeavesAfterOurOpen(WriterLock):
+            opened = 0
+
+            def _open(self) -> int:
+                fd = super()._open()
+                self.opened += 1
+                if self.opened == 1:  # the file the holder locks: let it release and remove it now
+                    holder.stdin.write("release\n")
+                    holder.stdin.flush()
+                    assert holder.stdout.readline().strip() == "released"
+                return fd
+
+        lock = HolderLeavesAfterOurOpen(tmp_path, "dinov2_q_last/01/train", (0, 1))
+        with lock:
+            assert lock.opened == 2, "the lock on the removed file was kept"
+            assert os.path.samestat(os.fstat(lock._fd), os.stat(lock.path))
+            third = subprocess.run([sys.executable, "-c", _LOCK_PEER, str(tmp_path), "try"], capture_output=True,
+                                   text=True, timeout=60, check=False)
+            assert third.stdout.strip() == "refused", third.stdout + third.stderr
+        assert not lock.path.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
