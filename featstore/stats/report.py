@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadArgumentError
+from ..errors import BadArgumentError
 
 CONSTANT_ULPS = 4  # a channel whose std is below 4 units in the last place of its largest |value| is constant
 
@@ -21,9 +21,9 @@ def format_info(store) -> str:
     """The `featstore info` table: one row per array with shape, dtype, chunks, bytes on disk, compression ratios,
     completion and weights. The ratios count the done chunks only, so an incomplete array is not flattered;
     they show "-" while no chunk is done."""
-    from .store import FeatureStore
+    from ..store import FeatureStore
 
-    fs = store if isinstance(store, FeatureStore) else FeatureStore(store, mode="r")
+    fs = FeatureStore.open(store)
     rows = [("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")]
     for fa in fs.arrays():
         a = fa.summary()
