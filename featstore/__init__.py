@@ -23,9 +23,9 @@ _LAZY = {
     "FeatureStore": "store",
     "FeatureDataset": "dataset",
     "train_val_split": "dataset",
-    "feature_stats": "stats",
-    "load_feature_stats": "stats",
-    **dict.fromkeys(("format_info", "format_stats", "plot_stats", "plot_token_maps", "pca_rgb"), "stats_report"),
+    "feature_stats": "stats.reduce",
+    "load_feature_stats": "stats.persist",
+    **dict.fromkeys(("format_info", "format_stats", "plot_stats", "plot_token_maps", "pca_rgb"), "stats.report"),
 }
 
 __all__ = [*sorted(_LAZY), "__version__"]  # noqa: PLE0604

@@ -9,17 +9,16 @@ three zarr internals, all checked here, once:
 - ``zarr.storage._local._put`` (the atomic write LocalStore.set uses; zarr >= 3.1.3);
 - ``zarr.core.sync.sync`` (run a store coroutine from sync code).
 
-Where any is missing (or ``FEATSTORE_CHUNKIO=public``), zarr's public API is used instead; the test suite runs the
+Where any is missing (or the configuration says ``chunkio: public``, FEATSTORE_CHUNKIO=public), zarr's public API is used instead; the test suite runs the
 store tests on both paths and checks that they write identical bytes and read identical values.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
+
+from .config import chunkio, config, positive_int
 
 try:  # the internals of the fast path; any one missing selects zarr's public path
     from zarr.abc.codec import SupportsSyncCodec
@@ -40,8 +41,6 @@ try:
 except ImportError:  # pragma: no cover
     _zarr_sync = None
 
-IO_THREADS = 4  # threads that encode, write and fsync chunk files: fsync waits overlap each other and the encoding
-_forced_public = threading.local()
 
 
 def fast_available() -> bool:
@@ -50,20 +49,13 @@ def fast_available() -> bool:
 
 
 def fast_enabled() -> bool:
-    if getattr(_forced_public, "on", False) or os.environ.get("FEATSTORE_CHUNKIO", "") == "public":
-        return False
-    return fast_available()
+    """The fast path is used unless the configuration says `chunkio: public` (FEATSTORE_CHUNKIO=public)."""
+    return chunkio() != "public" and fast_available()
 
 
-@contextlib.contextmanager
-def public_path() -> Iterator[None]:
+def public_path():
     """Use zarr's public API for arrays opened inside this block (tests compare both paths)."""
-    old = getattr(_forced_public, "on", False)
-    _forced_public.on = True
-    try:
-        yield
-    finally:
-        _forced_public.on = old
+    return config.set(chunkio="public")
 
 
 # ---- running store coroutines from sync code -------------------------------------------------------------------------
@@ -171,10 +163,11 @@ def fsync_all(paths: list[Path], files: bool = True) -> None:
 
 
 def io_pool() -> ThreadPoolExecutor:
-    """One pool per process (a forked child inherits the parent's pool object but none of its threads)."""
-    return _io_pool_of(os.getpid())
+    """One pool per process (a forked child inherits the parent's pool object but none of its threads) and thread
+    count (`io_threads`: encoding, writing and fsync waits overlap each other)."""
+    return _io_pool_of(os.getpid(), positive_int("io_threads"))
 
 
 @functools.cache
-def _io_pool_of(pid: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="featstore-io")
+def _io_pool_of(pid: int, threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featstore-io")

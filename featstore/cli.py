@@ -130,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .stats_report import format_info
+    from .stats.report import format_info
 
     print(format_info(_open_store(args)))
     return 0
@@ -175,8 +175,8 @@ def _ranges(ix: list[int]) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .stats import feature_stats
-    from .stats_report import format_stats, plot_stats, require_plotting
+    from .stats.reduce import feature_stats
+    from .stats.report import format_stats, plot_stats, require_plotting
 
     plot = require_plotting(args.plot) if args.plot else None  # a bad --plot fails before the pass, not after it
     result = feature_stats(
@@ -200,7 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .export import export_npy
     from .extract import extract
     from .sample import make_sample_subject
-    from .stats_report import format_info
+    from .stats.report import format_info
 
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="featstore-demo-"))
     t0 = time.perf_counter()

@@ -86,7 +86,7 @@ class FeatureDataset(Dataset):
             raise BadArgumentError(f"target_format={target_format!r}: choose one of {', '.join(TARGET_FORMATS)}")
         self.target_format = target_format
         split = SPLIT_ALIASES.get(split, split)
-        fs = store if isinstance(store, FeatureStore) else FeatureStore(store, mode="r")
+        fs = FeatureStore.open(store)
         # what a worker reopens: the folder or URL (with its fsspec options), else the (picklable) zarr Store object;
         # never the parent's open S3 client, which is bound to the parent's event loop (fails after a fork)
         self._source, self._storage_options = fs.source, fs.storage_options

@@ -20,13 +20,13 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import _dask
 from ._progress import tqdm
 from .backbones import Backbone
 from .errors import BadArgumentError, ClusterError, FeatstoreError, Interrupted, StoreError, Terminated, one_line
@@ -45,10 +45,7 @@ def extract_on_cluster(subject: Subject, subj: str, output_dir: str | Path, cfg:
                        store: FeatureStore | None = None, scheduler: str | None = None,
                        workers: int | None = None) -> ExtractResult:
     """`extract()` with its units run as dask tasks (called by `extract` when `scheduler` or `workers` is given)."""
-    if scheduler is not None and workers is not None:
-        raise BadArgumentError("give either --scheduler ADDRESS or --workers N, not both")
-    if workers is not None and workers < 1:
-        raise BadArgumentError(f"--workers {workers}: need at least 1")
+    _dask.check_choice(scheduler, workers)
     if isinstance(cfg.backbone, Backbone):
         raise BadArgumentError("a distributed extraction builds the backbone on each worker: pass it by name "
                                "(backbone='dinov2_q', arch=..., weights=...), not as a built Backbone")
@@ -74,7 +71,8 @@ def extract_on_cluster(subject: Subject, subj: str, output_dir: str | Path, cfg:
             for _, arrays, _ in jobs:  # one writer per share of a local store, as in a single-process run
                 for fa in arrays:
                     stack.enter_context(fa.lock(share))
-            client = stack.enter_context(_client(scheduler, workers, gpu=cfg.device.startswith("cuda")))
+            client = stack.enter_context(_dask.client(scheduler, workers, local_ok=False, daemon=False,
+                                                        resources={"GPU": 1} if cfg.device.startswith("cuda") else None))
             computed, spans = _run_tasks(client, fs, cfg, jobs, share)
     for job, arrays, _ in jobs:
         start, end = spans.get(job.split, (0.0, 0.0))
@@ -136,34 +134,6 @@ def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share):
     finally:
         bar.close()
     return computed, spans
-
-
-@contextlib.contextmanager
-def _client(scheduler: str | None, workers: int | None, gpu: bool) -> Iterator[Any]:
-    """A Client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded processes; used
-    explicitly, never the process default (see stats.connect)."""
-
-    from .stats import connect, local_cluster
-
-    if workers is not None:
-        nanny = logging.getLogger("distributed.nanny")
-        nanny.addFilter(_slow_exit)
-        try:  # non-daemonic workers may start their own image-decoding DataLoader workers (--num_workers)
-            with local_cluster(workers, {"distributed.worker.daemon": False},
-                               resources={"GPU": 1} if gpu else None) as client:
-                client.wait_for_workers(workers)
-                yield client
-        finally:
-            nanny.removeFilter(_slow_exit)
-        return
-    with connect(scheduler) as client:
-        yield client
-
-
-def _slow_exit(record: logging.LogRecord) -> bool:
-    """Drop the nanny's 'still alive after 4 s, killing' at close: a worker with torch loaded takes that long to
-    exit on a busy machine, after its work is done and written; the kill is harmless."""
-    return "still alive after" not in record.getMessage()
 
 
 # ---- on the workers ------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Exceptions for user-facing mistakes.
+"""The error hierarchy: one-line messages for users, in the library's terms.
 
-Every class subclasses both ``FeatstoreError`` and the matching builtin, so callers can catch either.
-The CLI prints ``str(error)`` on one line and exits with ``exit_code``.
+Every ``FeatstoreError`` subclass that has a matching builtin also subclasses it (``StoreError`` is an ``OSError``,
+``BadArgumentError`` a ``ValueError``, ...), so callers can catch either; ``Interrupted`` has none (it reports a
+stopped run). ``Terminated`` is not a featstore error: it is the ``KeyboardInterrupt`` the CLI's SIGTERM handler
+raises, so a terminated run stops the way Ctrl-C stops it. The CLI prints ``str(error)`` on one line and exits with
+``exit_code``.
 """
 from __future__ import annotations
 

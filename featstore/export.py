@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from ._progress import tqdm
+from .config import positive_int
 from .errors import NotFoundInStoreError, StoreError, StoreWriteError
 from .store import FeatureArray, FeatureStore
 
 log = logging.getLogger(__name__)
 
-READ_THREADS = 4  # storage chunks decoded in parallel (blosc and crc32c release the GIL)
-READ_AHEAD_MB = 256  # decoded float32 bytes in flight ahead of the writer
 
 
 def export_npy(
@@ -36,7 +35,7 @@ def export_npy(
     and never leaves a truncated file that looks finished. A chunk that fails its checksum raises
     `CorruptChunkError` naming the array and the chunk.
     """
-    fs = store if isinstance(store, FeatureStore) else FeatureStore(store, mode="r")
+    fs = FeatureStore.open(store)
     arrays = fs.arrays(feature, subj, split)
     if not arrays:
         wanted = "/".join(x or "*" for x in (feature, subj, split))
@@ -97,12 +96,13 @@ def _blocks(fa: FeatureArray):
     One read per storage chunk: a failing chunk is named, and no sibling reads are left pending inside zarr (their
     orphaned tasks used to fill the terminal with 'cannot schedule new futures after shutdown' at exit)."""
     per_chunk = fa.chunk_len * int(np.prod(fa.shape[1:], dtype=np.int64)) * 4
-    ahead = max(READ_THREADS, min(4 * READ_THREADS, (READ_AHEAD_MB << 20) // max(per_chunk, 1)))
+    threads = positive_int("export.read_threads")  # blosc and crc32c release the GIL
+    ahead = max(threads, min(4 * threads, (positive_int("export.read_ahead_mb") << 20) // max(per_chunk, 1)))
 
     def read(i: int) -> np.ndarray:  # a corrupt chunk raises CorruptChunkError (one line, array and chunk)
         return np.ascontiguousarray(fa.read(*fa.chunk_range(i)), dtype="<f4")
 
-    pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="featstore-export")
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="featstore-export")
     pending: deque = deque()
     try:
         nxt = 0

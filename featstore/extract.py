@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._progress import tqdm
-from .backbones.registry import check_layer_spec, check_weights_arg, get_backbone, parse_backbones
+from .backbones import check_layer_spec, check_weights_arg, get_backbone, parse_backbones
 from .cluster import detect_shard
 from .cluster import resolve_device as cluster_device
 from .errors import (

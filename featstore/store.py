@@ -413,6 +413,11 @@ class FeatureStore:
             except Exception as e:  # noqa: BLE001 - e.g. /proc, a read-only mount, a bucket that refuses writes
                 raise StoreError(f"--output_dir {self.location}: cannot create a Zarr store there ({one_line(e)})") from None
 
+    @classmethod
+    def open(cls, store: str | Path | FeatureStore, storage_options: dict[str, Any] | None = None) -> FeatureStore:
+        """`store` itself when it is already open, else the store at that folder or URL, read-only."""
+        return store if isinstance(store, FeatureStore) else cls(store, mode="r", storage_options=storage_options)
+
     def reopen(self, mode: str = "r") -> FeatureStore:
         """The same store opened again (in another process, or for writing)."""
         return FeatureStore(self.source, mode=mode, storage_options=self.storage_options)

@@ -1,6 +1,6 @@
 """Distributed extraction (issue 13): a real dask LocalCluster of 2 worker processes fills the arrays.
 
-One cluster for the module (created by featstore's own `_client`); tests pass its address as `scheduler=`, as
+One cluster for the module (created by featstore's own `_dask.client`); tests pass its address as `scheduler=`, as
 `--scheduler ADDRESS` does.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.utils import get_mp_context
 
 import featstore.distributed as fdist
+from featstore import _dask
 from featstore.errors import BadArgumentError
 from featstore.extract import extract
 from featstore.sample import make_sample_subject
@@ -39,7 +40,7 @@ def client():
     (torch) by now, and a forked child that runs OpenMP hangs."""
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
         get_mp_context().set_forkserver_preload(["distributed", "featstore.distributed", "timm"])  # after dask's
-        with fdist._client(None, 2, gpu=False) as c:
+        with _dask.client(None, 2, daemon=False) as c:
             yield c
 
 

@@ -17,7 +17,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "tour.ipynb"
 def test_tour_notebook_executes_draws_and_cleans_up(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert not re.search(r"\bfrom featstore\.|\bimport featstore\.|featstore\.(cli|stats_report|store|export)\.", source)
+    assert not re.search(r"\bfrom featstore\.|\bimport featstore\.|featstore\.(cli|stats|store|export)\.", source)
     used = set(re.findall(r"\bfeatstore\.(\w+)", source))
     assert used and used <= set(featstore.__all__), used - set(featstore.__all__)
 

@@ -24,7 +24,7 @@ from featstore.export import export_npy
 from featstore.extract import ExtractResult, extract
 from featstore.sample import make_sample_subject
 from featstore.stats import feature_stats, load_feature_stats
-from featstore.stats_report import format_info
+from featstore.stats.report import format_info
 from featstore.store import FeatureStore
 from tests.conftest import TINY, run_cli
 

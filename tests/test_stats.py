@@ -12,7 +12,7 @@ import pytest
 from featstore.cli import main
 from featstore.errors import BadArgumentError, IncompleteArrayError, NotFoundInStoreError
 from featstore.stats import feature_stats, load_feature_stats
-from featstore.stats_report import format_stats
+from featstore.stats.report import format_stats
 from featstore.store import FeatureStore
 
 RTOL = 1e-9  # the contract for float32 stores

@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from featstore import table
+
 FEATURE, SUBJ, SPLIT = "bench_vit", "01", "train"
 T, C, GRID = 962, 768, (31, 31)  # DINOv2 ViT-B/14 at 434 px: CLS + 31 x 31 patches, 768 channels
 BATCH = 16  # the CLI's default --batch_size
@@ -916,11 +918,7 @@ def format_table(rows: list[dict], header: str) -> str:
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.4g}x"
         cells.append([r["name"], r["featstore"], r["baseline"], ratio, r["target"], "yes" if r["meets"] else "NO"])
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _) in enumerate(cols)]
-    line = lambda c: "  ".join(s.ljust(w) for s, w in zip(c, widths)).rstrip()
-    out = [header, line([h for h, _ in cols]), line(["-" * w for w in widths])]
-    out += [line(c) for c in cells]
-    out.append("")
+    out = [header, table.format_table(cells, [h for h, _ in cols]), ""]
     out += [f"{r['name']}: {r['notes']}" for r in rows if r.get("notes")]
     return "\n".join(out)
 

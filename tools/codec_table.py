@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from featstore import table
+
 SUBJ, SPLIT, BATCH = "01", "train", 16
 FULL_ARCH = "vit_base_patch14_dinov2.lvd142m"
 RULE = 0.5  # the issue: the default is the fastest reader among codecs at <= 0.5x the float32 bytes
@@ -157,17 +159,13 @@ def format_table(rows: list[dict], header: str) -> str:
     cells = [[r["features"], r["codec"], f"{r['ratio_vs_float32']:.5f}x", f"{r['codec_ratio']:.4f}x",
               f"{r['write_gbs']:.2f}",
               f"{r['read_samples_s']:.0f}", f"{r['read_gbs']:.2f}"] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(cols)]
-
-    def line(c):
-        return "  ".join(s.rjust(w) if i >= 2 else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths))).rstrip()
-
-    out = [header, line(cols), line(["-" * w for w in widths])]
+    lines = table.format_table(cells, cols, right=range(2, len(cols))).splitlines()
+    out = [header, *lines[:2]]
     prev = None
-    for c in cells:
+    for c, line in zip(cells, lines[2:]):
         if prev is not None and c[0] != prev:
-            out.append("")
-        out.append(line(c))
+            out.append("")  # a blank line between features
+        out.append(line)
         prev = c[0]
     winners = choose(rows)
     out.append("")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import BadArgumentError, WeightsError
+from ..errors import BadArgumentError, WeightsError, one_line
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .registry import WEIGHTS_HINT, Output, backbone_config, check_weights_arg, feature_name, resolve_layer
 
@@ -143,16 +143,12 @@ def seeded_init(seed: int) -> torch.Generator:
 # ---- weights files: shared by the families, so every backbone loads checkpoints the same (safe) way ----
 
 
-def one_line(exc: BaseException) -> str:
-    """First line of an exception message, for the one-line user errors."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def url_reachable(url: str, timeout: float = 3.0) -> bool:
     """Quick TCP check (via the configured proxy, if any) so an offline run fails in seconds.
 
-    Hub clients retry with back-off for minutes, and urllib has no timeout, when there is no network.
+    The hubs' own clients have no fail-fast setting short of being told they are offline (HF_HUB_OFFLINE, which
+    hf_hub_file honours): without a network huggingface_hub 2.4 retries a HEAD five times with back-off (24 s
+    measured), and torch.hub's urllib download has no timeout at all.
     """
     import socket
     import urllib.request
@@ -184,6 +180,8 @@ def hf_hub_file(repo_id: str, filenames: list[str], download: Any = None) -> str
         cached = try_to_load_from_cache(repo_id, fn)
         if isinstance(cached, str) and Path(cached).is_file():
             return cached
+    if constants.HF_HUB_OFFLINE:
+        raise OSError("HF_HUB_OFFLINE is set and the file is not in the cache")
     if not url_reachable(constants.ENDPOINT):
         raise OSError(f"{constants.ENDPOINT} is unreachable")
     if download is not None:

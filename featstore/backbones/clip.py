@@ -3,6 +3,10 @@
 Only the vision tower is kept (built by `open_clip.CLIP` from open_clip's model config, with a stub text tower);
 preprocessing comes from open_clip's config for the pretrained tag (size, mean/std, interpolation, resize mode), so
 the two cannot drift. Requested blocks come from open_clip's public `forward_intermediates`.
+
+open_clip names used beyond its top-level API (checked against open_clip_torch 3.3.0, the only version the suite
+has run on): `open_clip.transformer.VisionTransformer` (type check of the tower) and
+`open_clip.transform.PreprocessCfg` / `merge_preprocess_dict` (the preprocessing of a pretrained tag).
 """
 from __future__ import annotations
 

@@ -3,6 +3,11 @@
 The positional embedding is resized with the reference DINOv2 recipe (bicubic, scale factor (g + 0.1) / M, no
 antialias), not timm's `resample_abs_pos_embed` (output size, antialias): at 434 px the two differ by ~1%, and only the
 reference matches the features of the official torch.hub model that the legacy pipeline used.
+
+timm names used beyond `timm.create_model` / `timm.models.get_pretrained_cfg` (checked against timm 1.0.31, the
+upper bound in setup.cfg): `timm.models.vision_transformer.VisionTransformer` (the tiny test model) and
+`.checkpoint_filter_fn` (official -> timm key layout); the module attributes `blocks`, `patch_embed`, `pos_embed`,
+`cls_token`, `norm` and each block's `attn.qkv`.
 """
 from __future__ import annotations
 

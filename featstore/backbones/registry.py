@@ -8,14 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import BadArgumentError, UnknownBackboneError, WeightsError
-
-if TYPE_CHECKING:
-    from .base import Backbone
 
 LayerSpec = int | str | Sequence[int]
 
@@ -183,27 +178,6 @@ def feature_name(backbone: str, layer: int, num_layers: int) -> str:
 def make_outputs(configs: Sequence[BackboneConfig], layers: Sequence[int], num_layers: int) -> list[Output]:
     """Variants outer, layers inner, as requested."""
     return [Output(c.name, k, feature_name(c.name, k, num_layers)) for c in configs for k in layers]
-
-
-def get_backbone(
-    name: str | Sequence[str],
-    layer: LayerSpec = -1,
-    weights: str = "pretrained",
-    arch: str | None = None,
-    seed: int = 0,
-    image_size: int | None = None,
-) -> Backbone:
-    """Build a frozen backbone in eval mode on CPU, with its preprocessing.
-
-    name: a registered name, or several of one family (`"dinov2_q,dinov2"`, a list) served by one forward pass.
-    layer: anything `parse_layers` accepts. weights: "pretrained" (official weights; an error if they cannot be
-    fetched), "random" (explicit, seeded), or a path to a local checkpoint. arch: another timm/open_clip
-    architecture, or "tiny" for tests.
-    """
-    configs = parse_backbones(name)
-    check_layer_spec(layer)  # a typo in --enc_layer fails before a model is built
-    family = import_module(f"{__package__}.{configs[0].family}")
-    return family.build(configs, layer=layer, weights=weights, arch=arch, seed=seed, image_size=image_size)
 
 
 WEIGHTS_HINT = "use --weights PATH for a local checkpoint or --weights random"

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadArgumentError
+from ..errors import BadArgumentError
+from ..table import format_table
 
 CONSTANT_ULPS = 4  # a channel whose std is below 4 units in the last place of its largest |value| is constant
 
@@ -22,10 +23,11 @@ def format_info(store) -> str:
     completion and weights. The ratios count the done chunks only (raw bytes against the stored bytes of those same
     chunks), so an incomplete array is not flattered; they show "-" while no chunk is done. Completion counts the
     unit a done marker covers, named: "40/40 chunks", or "5/5 packs" where --pack put K chunks in one object."""
-    from .store import FeatureStore
+    from ..store import FeatureStore
 
-    fs = store if isinstance(store, FeatureStore) else FeatureStore(store, mode="r")
-    rows = [("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")]
+    fs = FeatureStore.open(store)
+    header = ("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")
+    rows = []
     for fa in fs.arrays():
         a = fa.summary()
         w = a["weights"]
@@ -36,12 +38,10 @@ def format_info(store) -> str:
             f"{a['bytes_on_disk'] / 1e6:.1f} MB", _ratio(a["ratio"]), _ratio(a["ratio_vs_float32"]),
             f"{a['done']}/{a['total']} {a['unit']}s", wdesc.strip(),
         ))
-    if len(rows) == 1:
+    if not rows:
         return f"{fs.location}: no arrays"
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     head = f"{fs.location}  (ratio = raw bytes / bytes on disk, over the done chunks only)"
-    return head + "\n" + "\n".join(lines)
+    return head + "\n" + format_table(rows, header, rule=False)
 
 
 def _ratio(v: float) -> str:
@@ -90,8 +90,7 @@ def format_stats(r: dict[str, Any]) -> str:
 
     rows.append(("top-5 |mean|/std (ch:val)", *[top(c, k) for c, k in zip(cols, const)]))
     rows.append((f"constant (std < {CONSTANT_ULPS} ulp)", *[listed(k) for k in const]))
-    w = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines += ["  " + "  ".join(s.ljust(w[i]) for i, s in enumerate(row)).rstrip() for row in rows]
+    lines.append(format_table(rows, indent="  "))
     tn = np.asarray(r["token_norm"])
     where = np.unravel_index(np.argmax(tn), tn.shape)
     lines.append(
