@@ -25,7 +25,7 @@ log = logging.getLogger("featstore")
 def add_extract_args(p: argparse.ArgumentParser, guide_defaults: bool = True) -> None:
     """The guide's flags (same names and defaults) plus featstore's own."""
     from .backbones import list_backbones
-    from .store import CODECS, DEFAULT_CODEC
+    from .storage import CODECS, DEFAULT_CODEC
 
     p.add_argument("--data_dir", required=True, help="Algonauts subject folder, e.g. .../subj01")
     p.add_argument("--output_dir", required=True,
@@ -73,7 +73,7 @@ STORAGE_HELP = ("fsspec options for a URL store, e.g. '{\"anon\": false}' (crede
 
 
 def _open_store(args: argparse.Namespace, mode: str = "r"):
-    from .store import FeatureStore
+    from .storage import FeatureStore
 
     return FeatureStore(args.store, mode=mode, storage_options=storage_options(args.storage_options))
 
@@ -414,7 +414,7 @@ def run(func, args) -> int:
         print(f"featstore: {e}", file=sys.stderr)
         return e.exit_code
     except FeatstoreError as e:
-        print(f"featstore: error: {e}", file=sys.stderr)
+        print(f"featstore: error: {e.cli_message()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("featstore: interrupted", file=sys.stderr)

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from .errors import BadArgumentError, IncompleteArrayError, LayoutError, NotFoundInStoreError, StoreError
 from .layout import SPLIT_DIRS, Subject, read_subject
-from .store import FeatureArray, FeatureStore, image_list_diff
+from .storage import FeatureArray, FeatureStore, image_list_diff
 
 CLIP_FEATURE = "clip_vit_512"
 NORMALIZE_MODES = (None, "channel")

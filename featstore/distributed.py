@@ -33,7 +33,7 @@ from .errors import BadArgumentError, ClusterError, FeatstoreError, Interrupted,
 from .extract import ExtractConfig, ExtractResult, SplitJob, build_backbone, parse_shard, resolve_device
 from .images import check_splits
 from .layout import Subject
-from .store import FeatureStore
+from .storage import FeatureStore
 
 log = logging.getLogger(__name__)
 

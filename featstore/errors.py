@@ -10,9 +10,29 @@ from __future__ import annotations
 
 
 class FeatstoreError(Exception):
-    """Base of all featstore errors; the message is one line meant for a user."""
+    """Base of all featstore errors; the message is one line meant for a user.
+
+    `param` names the argument the error is about, in the library's terms (`output_dir`); the message then starts
+    with its value. Python shows `output_dir /proc/x.zarr: cannot write in /proc`, the CLI the flag
+    (`--output_dir /proc/x.zarr: ...`): the library never spells command-line flags, the CLI adds them.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str = "", *args: object, param: str | None = None):
+        super().__init__(message, *args)
+        self.param = param
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        return f"{self.param} {self.message}" if self.param else self.message
+
+    def cli_message(self) -> str:
+        """The message as the command line says it: the argument named by its flag."""
+        return f"--{self.param} {self.message}" if self.param else self.message
 
 
 class LayoutError(FeatstoreError, FileNotFoundError):
@@ -20,10 +40,7 @@ class LayoutError(FeatstoreError, FileNotFoundError):
 
 
 class UnknownBackboneError(FeatstoreError, KeyError):
-    """A backbone name that is not in the registry."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+    """A backbone name that is not in the registry (FeatstoreError's __str__ comes first: no KeyError quotes)."""
 
 
 class WeightsError(FeatstoreError, RuntimeError):
@@ -46,9 +63,6 @@ class StoreWriteError(StoreError):
 
 class NotFoundInStoreError(FeatstoreError, KeyError):
     """A feature/subject/split that the store does not contain."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class FingerprintMismatchError(FeatstoreError, ValueError):

@@ -14,7 +14,7 @@ import numpy as np
 from ._progress import tqdm
 from .config import positive_int
 from .errors import NotFoundInStoreError, StoreError, StoreWriteError
-from .store import FeatureArray, FeatureStore
+from .storage import FeatureArray, FeatureStore
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from .errors import (
 )
 from .images import ImageFiles, SplitImages, check_splits, collate, quiet_worker, read_headers
 from .layout import normalize_subj, read_subject
-from .store import FeatureArray, FeatureStore, check_writable_dir, compressors, is_url
+from .storage import ArraySpec, FeatureArray, FeatureStore, check_writable_dir, compressors, is_url
 from .writer import BackgroundWriter, ChunkAssembler
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ def extract(
                    for p in SplitJob(fs, bb, cfg, subj, split, paths, share, checked[split]).plan()]
         return ExtractResult(store=str(output_dir), feature=bb.outputs[0].feature, planned=planned)
     if store is None and not is_url(str(output_dir)):
-        check_writable_dir(Path(output_dir), "--output_dir")  # before any model is loaded
+        check_writable_dir(Path(output_dir), "output_dir")  # before any model is loaded
     if scheduler is not None or workers is not None:
         from .distributed import extract_on_cluster
 
@@ -330,8 +330,8 @@ class SplitJob:
         for o in self.bb.outputs:
             meta, fingerprint = self._meta(o.feature)
             fa, _ = self.fs.prepare(
-                o.feature, self.subj, self.split, shape=self.shape, chunk=cfg.chunk, dtype=cfg.dtype, meta=meta,
-                fingerprint=fingerprint, overwrite=cfg.overwrite, codec=cfg.codec, pack=cfg.pack,
+                o.feature, self.subj, self.split, ArraySpec(self.shape, cfg.chunk, cfg.dtype, cfg.codec, cfg.pack),
+                meta=meta, fingerprint=fingerprint, overwrite=cfg.overwrite,
             )
             arrays.append(fa)
         return arrays

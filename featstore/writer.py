@@ -11,7 +11,7 @@ import threading
 import numpy as np
 
 from .errors import StoreWriteError
-from .store import FeatureArray
+from .storage import FeatureArray
 
 
 class ChunkAssembler:

@@ -15,9 +15,9 @@ import os
 import signal
 import sys
 
-import featstore._chunkio as local
+import featstore.storage._zarr_compat as local
 from featstore import extract, get_backbone
-from featstore.store import FeatureArray
+from featstore.storage import FeatureArray
 
 data_dir, store, point, k = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 chunk = int(sys.argv[5]) if len(sys.argv) > 5 else 1

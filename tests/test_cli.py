@@ -21,6 +21,7 @@ import featstore
 from featstore.cli import build_parser, main
 from featstore.errors import CorruptChunkError
 from featstore.export import export_npy
+from featstore.storage import ArraySpec
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "extract_features_new.py"
 FEATURE = "dinov2_q_last"
@@ -148,7 +149,7 @@ def test_info_ratio_counts_done_chunks_only(tmp_path, capsys):
     fs = featstore.FeatureStore(tmp_path / "s.zarr", "a")
     x = rng.standard_normal((40, 17, 64)).astype("float16")
     for split, done in (("train", 10), ("synt", 0), ("full", 40)):
-        fa, _ = fs.prepare("feat", "01", split, shape=x.shape, chunk=1, dtype="float16", fingerprint={},
+        fa, _ = fs.prepare("feat", "01", split, ArraySpec(x.shape, 1, "float16"), fingerprint={},
                            meta={"token_layout": {"cls_index": 0, "grid": [4, 4], "n_tokens": 17},
                                  "image_names": [f"img{i:05d}.png" for i in range(40)]})
         fa.write_chunks(0, x[:done], durable=False)
@@ -284,8 +285,8 @@ def _partial_store(root: Path, written: int, done: int, pack: int = 1) -> Path:
     marked done (the others as a run stopped by a full disk leaves them: files, no marker)."""
     fs = featstore.FeatureStore(root, "a")
     x = np.random.default_rng(0).standard_normal((12, 17, 64)).astype("float16")
-    fa, _ = fs.prepare("feat", "01", "train", shape=x.shape, chunk=1, dtype="float16", fingerprint={}, codec="none",
-                       pack=pack, meta={"token_layout": {"cls_index": 0, "grid": [4, 4], "n_tokens": 17},
+    fa, _ = fs.prepare("feat", "01", "train", ArraySpec(x.shape, 1, "float16", "none", pack), fingerprint={},
+                       meta={"token_layout": {"cls_index": 0, "grid": [4, 4], "n_tokens": 17},
                                         "image_names": [f"img{i:05d}.png" for i in range(12)]})
     rows = min(written * fa.chunk_len, 12)
     fa.write_chunks(0, x[:rows], durable=False)

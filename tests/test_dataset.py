@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from featstore import FeatureDataset, FeatureStore, export_npy, extract, make_sample_subject, train_val_split
 from featstore.errors import BadArgumentError, IncompleteArrayError, LayoutError, NotFoundInStoreError, StoreError
+from featstore.storage import ArraySpec
 
 DINO = ("dinov2_q_last", (31, 31), 8)  # feature, real grid, small C
 CLIP = ("clip_vit_512", (16, 16), 12)
@@ -44,7 +45,7 @@ def make_array(
         "token_layout": {"cls_index": 0, "grid": list(grid), "n_tokens": t},
         "image_names": image_names if image_names is not None else names(n),
     }
-    fa, _ = fs.prepare(feature, "01", split, shape=(n, t, c), chunk=chunk, dtype=dtype, meta=meta,
+    fa, _ = fs.prepare(feature, "01", split, ArraySpec((n, t, c), chunk, dtype), meta=meta,
                        fingerprint={"test": feature})
     data = (np.random.default_rng(seed).standard_normal((n, t, c)) * 3).astype(dtype)
     if write:
@@ -472,7 +473,7 @@ def test_worker_refuses_an_array_rewritten_after_construction(tmp_path):
     make_array(tmp_path / "st", DINO[0], 3, DINO[1], DINO[2])
     copy = pickle.loads(pickle.dumps(FeatureDataset(tmp_path / "st")))  # as a worker receives it
     fs = FeatureStore(tmp_path / "st", "a")
-    fs.prepare(DINO[0], "01", "train", shape=(3, 962, DINO[2]), chunk=3, dtype="float16", overwrite=True,
+    fs.prepare(DINO[0], "01", "train", ArraySpec((3, 962, DINO[2]), 3, "float16"), overwrite=True,
                meta={"token_layout": {"cls_index": 0, "grid": list(DINO[1])}, "image_names": names(3)},
                fingerprint={"test": DINO[0], "changed": True})  # overwrite starts over only a changed configuration
     with pytest.raises(StoreError, match="rewritten after this FeatureDataset was built"):

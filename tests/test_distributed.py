@@ -22,7 +22,7 @@ from featstore import _dask
 from featstore.errors import BadArgumentError
 from featstore.extract import extract
 from featstore.sample import make_sample_subject
-from featstore.store import FeatureStore
+from featstore.storage import FeatureStore
 from tests.conftest import TINY, run_cli
 
 N_TRAIN, N_TEST = 10, 2
@@ -81,7 +81,7 @@ class KillOnceAfterWrite(WorkerPlugin):
         self.log, self.arm = log, arm
 
     def setup(self, worker):
-        from featstore.store import FeatureArray
+        from featstore.storage import FeatureArray
 
         self.orig = orig = FeatureArray.write_chunks
         log, arm = self.log, self.arm
@@ -103,7 +103,7 @@ class KillOnceAfterWrite(WorkerPlugin):
         FeatureArray.write_chunks = write_chunks
 
     def teardown(self, worker):
-        from featstore.store import FeatureArray
+        from featstore.storage import FeatureArray
 
         FeatureArray.write_chunks = self.orig
 

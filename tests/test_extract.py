@@ -13,7 +13,7 @@ from PIL import Image
 
 from featstore import export_npy, extract, get_backbone
 from featstore.errors import LayoutError
-from featstore.store import FeatureStore
+from featstore.storage import FeatureStore
 from tests.conftest import TINY, run_cli
 
 
@@ -45,7 +45,7 @@ def test_float16_default_store_readable_by_plain_zarr(subject, tmp_path):
     assert a.metadata.dimension_names == ("train_image", "token", "channel")
     assert np.isnan(a.metadata.fill_value)  # unwritten samples read as NaN in any reader
     names = [c.to_dict()["name"] for c in a.metadata.codecs]
-    from featstore.store import DEFAULT_CODEC, compressors
+    from featstore.storage import DEFAULT_CODEC, compressors
 
     assert names == ["bytes", *[c.to_dict()["name"] for c in compressors(DEFAULT_CODEC, "float16")]]
     assert names[-1] == "crc32c"

@@ -17,7 +17,7 @@ from zarr.storage import LocalStore, WrapperStore
 from featstore import extract
 from featstore.errors import CorruptImageError, StoreWriteError
 from featstore.sample import make_sample_subject
-from featstore.store import FeatureStore
+from featstore.storage import FeatureStore
 from tests.conftest import TINY, cli_here, run_cli
 
 N = 10
@@ -66,9 +66,9 @@ CRASH_IDS = [f"{c[0]}-{c[1]}-chunk{c[2]}" for c in CRASHES]
 
 
 def _crash_applies(point: str) -> bool:
-    from featstore import _chunkio
+    from featstore.storage import _zarr_compat
 
-    return point not in ("mid_write", "mid_mark") or _chunkio.fast_enabled()
+    return point not in ("mid_write", "mid_mark") or _zarr_compat.fast_enabled()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from featstore.extract import ExtractResult, extract
 from featstore.sample import make_sample_subject
 from featstore.stats import feature_stats, load_feature_stats
 from featstore.stats.report import format_info
-from featstore.store import FeatureStore
+from featstore.storage import FeatureStore
 from tests.conftest import TINY, run_cli
 
 N_TRAIN, N_TEST, BATCH = 6, 2, 2  # --pack 4: a full and an edge shard
@@ -34,7 +34,7 @@ ARR = ("dinov2_q_last", "01", "train")
 # the CLI in a subprocess, killed (SIGKILL) when the 2nd unit run is about to be marked done: its objects are PUT
 CRASH = """
 import os, signal, sys
-from featstore.completion import CompletionRecord
+from featstore.storage import CompletionRecord
 orig, calls = CompletionRecord.mark_done, [0]
 def mark_done(self, units, durable):
     calls[0] += 1

@@ -13,7 +13,7 @@ from featstore.cli import main
 from featstore.errors import BadArgumentError, IncompleteArrayError, NotFoundInStoreError
 from featstore.stats import feature_stats, load_feature_stats
 from featstore.stats.report import format_stats
-from featstore.store import FeatureStore
+from featstore.storage import ArraySpec, FeatureStore
 
 RTOL = 1e-9  # the contract for float32 stores
 
@@ -23,7 +23,7 @@ def make_array(root, feature, data, *, grid, chunk=1, done_rows=None):
     N, T = data.shape[:2]
     fs = FeatureStore(root, "a")
     fa, _ = fs.prepare(
-        feature, "01", "train", shape=data.shape, chunk=chunk, dtype=str(data.dtype),
+        feature, "01", "train", ArraySpec(data.shape, chunk, str(data.dtype)),
         meta={"token_layout": {"cls_index": 0, "grid": list(grid), "n_tokens": T},
               "image_names": [f"img{i:05d}.png" for i in range(N)]},
         fingerprint={},

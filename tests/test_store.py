@@ -15,9 +15,9 @@ import pytest
 import zarr
 from conftest import TINY, cli_here, run_cli
 
-from featstore import FeatureDataset, FeatureStore, _chunkio, export_npy, extract
+from featstore import FeatureDataset, FeatureStore, export_npy, extract
 from featstore.errors import StoreError
-from featstore.store import FORMAT_VERSION, fingerprint_diff, nsd_ids
+from featstore.storage import FORMAT_VERSION, _zarr_compat, fingerprint_diff, nsd_ids
 
 DATA = Path(__file__).parent / "data"
 
@@ -45,9 +45,9 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_fast_and_public_chunk_paths_write_identical_bytes_and_read_identical_values(subject, store, tmp_path):
-    if not _chunkio.fast_available():
+    if not _zarr_compat.fast_available():
         pytest.skip("this zarr lacks the internals of the fast path: only the public path exists")
-    with _chunkio.public_path():
+    with _zarr_compat.public_path():
         extract(subject, tmp_path / "pub.zarr", backbone="dinov2_q", batch_size=4, **TINY)
         pub = FeatureStore(tmp_path / "pub.zarr").get("dinov2_q_last", "01", "train")
         assert pub._steps is None
@@ -60,7 +60,7 @@ def test_fast_and_public_chunk_paths_write_identical_bytes_and_read_identical_va
 
 
 def test_environment_switch_selects_the_public_path(store):
-    code = ("import featstore._chunkio as c; from featstore.store import FeatureStore; "
+    code = ("import featstore.storage._zarr_compat as c; from featstore.storage import FeatureStore; "
             f"fa = FeatureStore({str(store)!r}).get('dinov2_q_last', '01', 'train'); print(c.fast_enabled(), fa._steps)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "FEATSTORE_CHUNKIO": "public"}, check=True).stdout
@@ -178,7 +178,7 @@ def test_overwrite_says_what_it_discards_and_keeps_an_unchanged_array(subject, t
 _HOLD_LOCK = """
 import os, signal, sys, time
 from pathlib import Path
-from featstore.completion import WriterLock
+from featstore.storage import WriterLock
 WriterLock(Path(sys.argv[1]), "dinov2_q_last/01/train", (0, 1)).acquire()
 if sys.argv[2] == "1" and os.fork() == 0:
     time.sleep(60)
@@ -206,7 +206,7 @@ def test_lock_dies_with_its_holder_not_with_its_forked_children(store, tmp_path)
     must be free as soon as the extract itself is gone, so that an immediate rerun is not refused."""
     import signal
 
-    from featstore.completion import WriterLock
+    from featstore.storage import WriterLock
 
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(store), "1"], stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
@@ -336,7 +336,7 @@ def test_a_finished_extract_leaves_no_lock_file(subject, tmp_path):
 _LOCK_PEER = """
 import sys
 from pathlib import Path
-from featstore.completion import WriterLock
+from featstore.storage import WriterLock
 from featstore.errors import StoreError
 lock = WriterLock(Path(sys.argv[1]), "dinov2_q_last/01/train", (0, 1))
 if sys.argv[2] == "hold":
@@ -359,7 +359,7 @@ def test_lock_removed_by_its_holder_between_an_acquirers_open_and_lock_is_not_ta
     """The worst interleaving of removal on release: we open the lock file, then its holder (another process)
     releases and removes it, then we lock the descriptor we opened (which nothing guards any more). We must notice
     and lock the file at the path instead, so that a third process is refused while we hold it."""
-    from featstore.completion import WriterLock
+    from featstore.storage import WriterLock
 
     holder = subprocess.Popen([sys.executable, "-c", _LOCK_PEER, str(tmp_path), "hold"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)

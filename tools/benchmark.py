@@ -103,11 +103,11 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
     import torch
 
     from featstore.extract import ExtractConfig, _has_inf
-    from featstore.store import FeatureStore
+    from featstore.storage import ArraySpec, FeatureStore
     from featstore.writer import BackgroundWriter, ChunkAssembler
 
     fs = FeatureStore(root, mode="a")
-    fa, _ = fs.prepare(FEATURE, SUBJ, SPLIT, shape=(n, T, C), chunk=1, dtype=dtype, meta=_meta(n), fingerprint={})
+    fa, _ = fs.prepare(FEATURE, SUBJ, SPLIT, ArraySpec((n, T, C), 1, dtype), meta=_meta(n), fingerprint={})
     tdtype = getattr(torch, dtype)
     t0 = time.perf_counter()
     assembler = ChunkAssembler(fa, list(range(fa.nchunks)))
@@ -174,7 +174,7 @@ def backbone_bytes(ctx) -> dict[str, tuple[int, int, float]]:
     images: what a codec finds depends on the statistics of real activations, which synthetic noise does not have.
     The codec ratio leaves out the 4-byte crc32c of each chunk (there whatever the codec) and all metadata."""
     from featstore.extract import extract
-    from featstore.store import FeatureStore
+    from featstore.storage import FeatureStore
 
     subj = ensure_subject(ctx)
     out = {}
@@ -199,7 +199,7 @@ def rows_write(ctx) -> list[dict]:
     """The store writer fed a ViT-B-sized float32 stream vs np.save of the same array, like for like: the durable write
     (fsync) vs np.save + fsync, the page-cache write vs plain np.save; best of reps, interleaved. Bytes are measured
     on real backbone output."""
-    from featstore.store import DEFAULT_CODEC
+    from featstore.storage import DEFAULT_CODEC
 
     n, reps, d = ctx.n, ctx.reps, ctx.dir
     full = np.empty((n, T, C), np.float32)
@@ -357,7 +357,7 @@ def rows_stats(ctx) -> list[dict]:
         from featstore.stats import feature_stats
     except Exception as e:  # noqa: BLE001 - stats.py may not be written yet
         return [unavailable("stats", target, f"featstore.stats: {e}")]
-    from featstore.store import FeatureStore
+    from featstore.storage import FeatureStore
 
     store, _ = ensure_read_store(ctx)
     fa = FeatureStore(store).get(FEATURE, SUBJ, SPLIT)
@@ -641,7 +641,7 @@ def rows_resume(ctx) -> list[dict]:
     would mean finished work is done again. The resumed store must equal an uninterrupted run. The work lost at the
     kill (images computed but not yet marked done) is reported."""
     from featstore.extract import extract
-    from featstore.store import FeatureStore
+    from featstore.storage import FeatureStore
 
     subj = ensure_subject(ctx)
     n = ctx.images

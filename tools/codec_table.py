@@ -17,7 +17,7 @@ optionally OpenCLIP ViT-L/14 (`--clip`). They are held in memory; every codec th
   runs of 16 units as extract's writer hands them over), best of --reps, codecs interleaved;
 - read: samples/s of `FeatureArray.read_sample` in random order, one process, page cache warm, best of --reps.
 
-Codecs are the presets of `featstore.store.CODECS` plus a few candidates (`--candidates`, marked `*`), which are
+Codecs are the presets of `featstore.storage.CODECS` plus a few candidates (`--candidates`, marked `*`), which are
 registered in this process only; a candidate that wins would have to be added to CODECS to be usable.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def extract_features(root: Path, label: str, backbone: str, arch: str, n: int, d
     """{feature: (n, T, C) array} from a real `extract` run (random weights, no compression, no fsync)."""
     from featstore.extract import extract
     from featstore.sample import make_sample_subject
-    from featstore.store import FeatureStore
+    from featstore.storage import FeatureStore
 
     subj = make_sample_subject(root / f"img-{label}", subj=SUBJ, n_train=n, n_test=0, seed=0)
     store = root / f"src-{label}.zarr"
@@ -84,15 +84,14 @@ def npy_bytes(x: np.ndarray) -> int:
 
 def write_once(root: Path, codec: str, x: np.ndarray) -> tuple[float, int]:
     """Seconds of write_chunks (fsync on) for all samples, and the bytes of the chunk files."""
-    from featstore.store import FeatureStore
+    from featstore.storage import ArraySpec, FeatureStore
 
     shutil.rmtree(root, ignore_errors=True)
     fs = FeatureStore(root, mode="a")
     n = len(x)
     meta = {"token_layout": {"cls_index": 0, "grid": [1, 1], "n_tokens": x.shape[1]},
             "image_names": [f"img{i:05d}.png" for i in range(n)]}
-    fa, _ = fs.prepare("f", SUBJ, SPLIT, shape=x.shape, chunk=1, dtype=str(x.dtype), meta=meta, fingerprint={},
-                       codec=codec)
+    fa, _ = fs.prepare("f", SUBJ, SPLIT, ArraySpec(x.shape, 1, str(x.dtype), codec), meta=meta, fingerprint={})
     fa.write_chunks(0, x[:1], durable=True)  # first write: the I/O pool and codec set-up are not the codec's cost
     t0 = time.perf_counter()
     for a in range(1, n, BATCH):
@@ -104,7 +103,7 @@ def write_once(root: Path, codec: str, x: np.ndarray) -> tuple[float, int]:
 
 def read_once(root: Path, x: np.ndarray, passes: int) -> float:
     """Seconds per sample of read_sample in a random order (a fresh FeatureStore; values checked once)."""
-    from featstore.store import FeatureStore
+    from featstore.storage import FeatureStore
 
     fa = FeatureStore(root).get("f", SUBJ, SPLIT)
     order = np.random.default_rng(1).permutation(len(x))

@@ -72,7 +72,7 @@ def best_extract(reps: int, subj: Path, dest, **kw) -> float:
 def read_rates(store: str) -> tuple[float, float]:
     """(whole-array MB/s decoded, FeatureDataset samples/s one by one) for the train array."""
     from featstore.dataset import FeatureDataset
-    from featstore.store import FeatureStore
+    from featstore.storage import FeatureStore
 
     fa = FeatureStore(store).get("dinov2_q_last", "01", "train")
     s, x = timed(fa.read, 0, fa.shape[0])

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FeatstoreError, NotFoundInStoreError, StoreError
-from ..store import FeatureArray, FeatureStore
+from ..storage import FeatureArray, FeatureStore
 
 HIST_QUANTILES = (1e-4, 1.0 - 1e-4)
 
@@ -30,8 +30,7 @@ def open_for_saving(fs: FeatureStore, fa: FeatureArray) -> tuple[FeatureStore, F
     try:
         wfs = fs.reopen("a")
     except FeatstoreError as e:
-        reason = str(e).split(": ", 1)[-1] if str(e).startswith("--") else str(e)  # not the extract's flag name
-        raise StoreError(f"cannot save the statistics into the store {fs.location} ({reason}); {_NO_SAVE_HINT}") from None
+        raise StoreError(f"cannot save the statistics into the store {fs.location} ({e}); {_NO_SAVE_HINT}") from None
     return wfs, wfs.get(fa.feature, fa.subj, fa.split)
 
 

@@ -44,7 +44,7 @@ from dask.callbacks import Callback
 from .. import _dask
 from ..config import config
 from ..errors import BadArgumentError, CorruptChunkError
-from ..store import FeatureArray, FeatureStore
+from ..storage import FeatureArray, FeatureStore
 from .kernels import SLICE_TOKENS, kernels
 from .persist import HIST_QUANTILES, open_for_saving, save_stats
 

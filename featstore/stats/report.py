@@ -23,7 +23,7 @@ def format_info(store) -> str:
     completion and weights. The ratios count the done chunks only (raw bytes against the stored bytes of those same
     chunks), so an incomplete array is not flattered; they show "-" while no chunk is done. Completion counts the
     unit a done marker covers, named: "40/40 chunks", or "5/5 packs" where --pack put K chunks in one object."""
-    from ..store import FeatureStore
+    from ..storage import FeatureStore
 
     fs = FeatureStore.open(store)
     header = ("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")

@@ -1,4 +1,6 @@
-"""Fast local chunk I/O over zarr internals, used only where the installed zarr offers them.
+"""The only place that uses zarr's and s3fs's internals; each is probed once, with zarr's public API as fallback.
+
+Fast local chunk I/O over zarr internals, used only where the installed zarr offers them.
 
 zarr's public read/write path hands every chunk to its event loop and from there to a thread pool: several thread
 switches per chunk that cost more than encoding a one-sample chunk. For a plain local store, featstore instead runs
@@ -9,8 +11,13 @@ three zarr internals, all checked here, once:
 - ``zarr.storage._local._put`` (the atomic write LocalStore.set uses; zarr >= 3.1.3);
 - ``zarr.core.sync.sync`` (run a store coroutine from sync code).
 
-Where any is missing (or the configuration says ``chunkio: public``, FEATSTORE_CHUNKIO=public), zarr's public API is used instead; the test suite runs the
-store tests on both paths and checks that they write identical bytes and read identical values.
+Where any is missing (or the configuration says ``chunkio: public``, FEATSTORE_CHUNKIO=public), zarr's public API
+is used instead; CI runs the store, resume and dataset tests on both paths, and the suite checks that they write
+identical bytes and read identical values. `path_in_use()` says which one this process takes.
+
+Also here: s3fs's private ``_pipe_file(..., mode="create")`` (a conditional PUT, If-None-Match: *), so parallel
+writers cannot overwrite each other's array definition (fallback: zarr's check-then-write), and the wrapper stores'
+``_store`` attribute, to find the local folder under a wrapper (fallback: none, zarr's own path).
 """
 from __future__ import annotations
 
@@ -25,9 +32,10 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
+from zarr.storage import LocalStore
 
-from .config import chunkio, config, positive_int
+from ..config import chunkio, config, positive_int
 
 try:  # the internals of the fast path; any one missing selects zarr's public path
     from zarr.abc.codec import SupportsSyncCodec
@@ -46,6 +54,40 @@ except ImportError:  # pragma: no cover
 def fast_available() -> bool:
     """Whether the installed zarr offers the internals of the fast path (independent of the override)."""
     return SupportsSyncCodec is not None and _zarr_put is not None
+
+
+def path_in_use() -> str:
+    """One line: which chunk I/O path this process takes, and why."""
+    if not fast_available():
+        return f"zarr {zarr.__version__}: public API (no sync codecs in this zarr)"
+    if chunkio() == "public":
+        return f"zarr {zarr.__version__}: public API (configuration chunkio: public)"
+    return f"zarr {zarr.__version__}: fast local path (sync codecs, atomic put)"
+
+
+def buffer_prototype():
+    return default_buffer_prototype()
+
+
+def local_root(store: zarr.abc.store.Store) -> Path | None:
+    """The folder of a LocalStore, also under wrapper stores (their private `_store`); None for other stores."""
+    inner = store
+    while inner is not None and not isinstance(inner, LocalStore):
+        inner = getattr(inner, "_store", None)
+    return Path(inner.root) if isinstance(inner, LocalStore) else None
+
+
+async def s3_create(store, key: str, data: bytes) -> None:
+    """Write `key` only if it does not exist, atomically (S3 If-None-Match: *) where s3fs offers it; else zarr's
+    check-then-write. A lost race is silent: callers re-read the key to see who won."""
+    pipe = getattr(store.fs, "_pipe_file", None)
+    if pipe is None:  # pragma: no cover - an s3fs without it
+        await store.set_if_not_exists(key, buffer_prototype().buffer.from_bytes(data))
+        return
+    try:
+        await pipe(f"{store.path}/{key}", data, mode="create")
+    except FileExistsError:
+        pass
 
 
 def fast_enabled() -> bool:
