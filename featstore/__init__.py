@@ -10,9 +10,9 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ExtractConfig": "extract",
-    "ExtractResult": "extract",
-    "extract": "extract",
+    "ExtractConfig": "extraction",
+    "ExtractResult": "extraction",
+    "extract": "extraction",
     "get_backbone": "backbones",
     "list_backbones": "backbones",
     "FeatstoreError": "errors",

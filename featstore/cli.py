@@ -95,7 +95,7 @@ def storage_options(text: str | None) -> dict | None:
 
 
 def run_extract(args: argparse.Namespace):
-    from .extract import extract
+    from .extraction import extract
 
     result = extract(
         args.data_dir, args.output_dir, subj=args.subj, backbone=args.backbone,
@@ -198,7 +198,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .export import export_npy
-    from .extract import extract
+    from .extraction import extract
     from .sample import make_sample_subject
     from .stats.report import format_info
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .devices import cpu_count
 from .errors import BadArgumentError
 
 __all__ = [
@@ -413,7 +414,7 @@ def make_sample_subject(
         raise BadArgumentError(f"n_vertices must be a pair (lh, rh) of integers >= 1, got {n_vertices!r}")
     n_vertices = (_check_int("n_vertices[0]", n_vertices[0], 1), _check_int("n_vertices[1]", n_vertices[1], 1))
     if workers is None:
-        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+        workers = min(cpu_count(), 8)
     workers = _check_int("workers", workers, 1)
 
     t0 = time.perf_counter()

@@ -5,9 +5,18 @@ import logging
 
 import pytest
 
-from featstore.cluster import describe_shard, detect_shard, resolve_device, resolve_shard
+from featstore.devices import device_name
 from featstore.errors import BadArgumentError, FeatstoreError
+from featstore.extraction.launcher import detect_share, local_rank
 
+
+def resolve_shard(spec, env):
+    s = detect_share(spec, env)
+    return s.k, s.n
+
+
+def resolve_device(device, env, shard):
+    return device_name(device, local_rank=local_rank(shard, env), env=env)
 # what the launchers set, trimmed to the variables that matter here
 SBATCH_ARRAY = {"SLURM_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4",
                 "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "3", "SLURM_ARRAY_TASK_STEP": "1",
@@ -51,14 +60,14 @@ def test_auto_reads_the_launcher(env, expected):
 
 
 def test_auto_without_a_launcher_takes_everything_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="featstore.cluster"):
+    with caplog.at_level(logging.WARNING, logger="featstore.extraction.launcher"):
         assert resolve_shard("auto", env={"HOME": "/root"}) == (0, 1)
     assert "no SLURM or torchrun" in caplog.text
 
 
 def test_ntasks_without_srun_warns(caplog):
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}  # an sbatch script that forgot srun
-    with caplog.at_level(logging.WARNING, logger="featstore.cluster"):
+    with caplog.at_level(logging.WARNING, logger="featstore.extraction.launcher"):
         assert resolve_shard("auto", env=env) == (0, 4)
     assert "srun" in caplog.text
 
@@ -96,7 +105,7 @@ def test_resolve_device(device, env, shard, expected):
 
 
 def test_describe_shard_names_the_source():
-    line = describe_shard("auto", env={**SBATCH_ARRAY, **TORCHRUN})
-    assert line.startswith("shard 30/32") and "SLURM array task 3" in line and "torchrun rank 6 of 8" in line
-    assert describe_shard("1/4", env={}) == "shard 1/4 (--shard 1/4)"
-    assert detect_shard(None, env=TORCHRUN).n == 1  # variables count only with --shard auto
+    line = detect_share("auto", env={**SBATCH_ARRAY, **TORCHRUN}).line()
+    assert line.startswith("share 30/32") and "SLURM array task 3" in line and "torchrun rank 6 of 8" in line
+    assert detect_share("1/4", env={}).line() == "share 1/4 (--shard 1/4)"
+    assert detect_share(None, env=TORCHRUN).n == 1  # variables count only with --shard auto

@@ -17,10 +17,10 @@ from distributed import get_task_stream
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.utils import get_mp_context
 
-import featstore.distributed as fdist
+import featstore.extraction.cluster as fdist
 from featstore import _dask
 from featstore.errors import BadArgumentError
-from featstore.extract import extract
+from featstore.extraction import extract
 from featstore.sample import make_sample_subject
 from featstore.storage import FeatureStore
 from tests.conftest import TINY, run_cli
@@ -39,7 +39,7 @@ def client():
     them each, ~10 s apiece here, again for the restarted one). Not plain fork: this process has run OpenMP
     (torch) by now, and a forked child that runs OpenMP hangs."""
     with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        get_mp_context().set_forkserver_preload(["distributed", "featstore.distributed", "timm"])  # after dask's
+        get_mp_context().set_forkserver_preload(["distributed", "featstore.extraction.cluster", "timm"])  # after dask's
         with _dask.client(None, 2, daemon=False) as c:
             yield c
 

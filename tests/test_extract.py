@@ -118,7 +118,7 @@ def test_missing_test_split_is_skipped_with_warning(tmp_path, caplog):
 # ru_maxrss would carry the parent's peak over fork + exec.
 _PEAK_CHILD = """
 import sys
-from featstore.extract import extract
+from featstore.extraction import extract
 for subj, store in zip(sys.argv[1::2], sys.argv[2::2]):
     extract(subj, store, backbone="dinov2_q,dinov2", enc_layer="all", arch="tiny", weights="random", device="cpu",
             num_workers=0, progress=False, dtype="float32", batch_size=8, durable=False, queue_mb=4)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from featstore.dataset import FeatureDataset
 from featstore.export import export_npy
-from featstore.extract import ExtractResult, extract
+from featstore.extraction import ExtractResult, extract
 from featstore.sample import make_sample_subject
 from featstore.stats import feature_stats, load_feature_stats
 from featstore.stats.report import format_info

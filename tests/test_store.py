@@ -280,7 +280,7 @@ def test_free_space_warning(subject, tmp_path, caplog, monkeypatch):
 
 def test_progress_counts_written_rows(subject, tmp_path):
     """The bar advances only after rows are durably written and marked done (it used to count computed rows)."""
-    from featstore.writer import BackgroundWriter
+    from featstore.extraction.writer import BackgroundWriter
 
     fs = FeatureStore(tmp_path / "w.zarr", mode="a")
     extract(subject, tmp_path / "w.zarr", backbone="dinov2_q", splits=["synt"], shard="1/2", **TINY)

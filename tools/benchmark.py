@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from featstore import table
+from featstore.devices import cpu_count
 
 FEATURE, SUBJ, SPLIT = "bench_vit", "01", "train"
 T, C, GRID = 962, 768, (31, 31)  # DINOv2 ViT-B/14 at 434 px: CLS + 31 x 31 patches, 768 channels
@@ -102,9 +103,10 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
     FeatureArray.write_chunks. Returns (seconds, bytes of the array on disk)."""
     import torch
 
-    from featstore.extract import ExtractConfig, _has_inf
+    from featstore.extraction import ExtractConfig
+    from featstore.extraction.run import has_inf
+    from featstore.extraction.writer import BackgroundWriter, ChunkAssembler
     from featstore.storage import ArraySpec, FeatureStore
-    from featstore.writer import BackgroundWriter, ChunkAssembler
 
     fs = FeatureStore(root, mode="a")
     fa, _ = fs.prepare(FEATURE, SUBJ, SPLIT, ArraySpec((n, T, C), 1, dtype), meta=_meta(n), fingerprint={})
@@ -116,7 +118,7 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
         for _, rows32 in stream(pool, n):
             with torch.inference_mode():
                 y = torch.from_numpy(rows32).to(tdtype)
-                if tdtype == torch.float16 and _has_inf(y):  # extract's float16 overflow check
+                if tdtype == torch.float16 and has_inf(y):  # extract's float16 overflow check
                     raise RuntimeError("synthetic data overflowed float16")
                 rows = y.cpu().numpy()
             for first, data in assembler.add(rows):
@@ -173,7 +175,7 @@ def backbone_bytes(ctx) -> dict[str, tuple[int, int, float]]:
     raw float32 data)} for a real extraction (tiny architecture, random weights, the default codec) of the benchmark's
     images: what a codec finds depends on the statistics of real activations, which synthetic noise does not have.
     The codec ratio leaves out the 4-byte crc32c of each chunk (there whatever the codec) and all metadata."""
-    from featstore.extract import extract
+    from featstore.extraction import extract
     from featstore.storage import FeatureStore
 
     subj = ensure_subject(ctx)
@@ -435,7 +437,7 @@ def _tiny_depth(depth: int | None) -> None:
 def run_extract_child(mode: str, a: dict) -> dict:
     """Child modes that run extract() as `featstore extract` does (2 loader workers, float16, fsync, default codec)."""
     from featstore import get_backbone
-    from featstore.extract import extract
+    from featstore.extraction import extract
 
     opts = {"device": "cpu", "batch_size": a.get("batch", BATCH), "num_workers": a.get("workers", 2), "progress": False}
     _tiny_depth(a.get("depth"))
@@ -471,7 +473,7 @@ def run_child(mode: str, a: dict) -> dict:
     import torch
 
     from featstore import get_backbone
-    from featstore.extract import extract
+    from featstore.extraction import extract
 
     if mode in ("startup-featstore", "startup-legacy", "startup-memmap"):
         from featstore.dataset import FeatureDataset  # both sides: the same imports before the clock starts
@@ -640,7 +642,7 @@ def rows_resume(ctx) -> list[dict]:
     backbone (not taken from extract's own summary) and compared with the images not marked done at the kill: more
     would mean finished work is done again. The resumed store must equal an uninterrupted run. The work lost at the
     kill (images computed but not yet marked done) is reported."""
-    from featstore.extract import extract
+    from featstore.extraction import extract
     from featstore.storage import FeatureStore
 
     subj = ensure_subject(ctx)
@@ -733,7 +735,7 @@ def _layers_times(subj: Path, root: Path, reps: int, warmed: bool) -> dict:
     in this process (no interpreter start on either side); one untimed run first unless `warmed`."""
     from featstore import get_backbone
     from featstore.backbones import dinov2
-    from featstore.extract import extract
+    from featstore.extraction import extract
 
     tiny = dinov2.TINY
     dinov2.TINY = {**tiny, "depth": LAYERS_DEPTH}
@@ -787,7 +789,7 @@ def rows_layers(ctx) -> list[dict]:
     for side in rss:
         shutil.rmtree(ctx.dir / f"rss-{side}.zarr", ignore_errors=True)
     r_all, r_one = rss["all"]["peak_rss_mb"], rss["one"]["peak_rss_mb"]
-    from featstore.extract import ExtractConfig
+    from featstore.extraction import ExtractConfig
 
     queue_mb = ExtractConfig.queue_mb  # the writer may hold this many MB of computed rows, however many arrays
     return [
@@ -973,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {ctx.dir}")
         else:
             shutil.rmtree(ctx.dir, ignore_errors=True)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpu_count()
     header = (f"featstore benchmark: N={ctx.n} (write/read/stats), {ctx.startup_n} (start-up), {ctx.images} images "
               f"(write-bytes/extract/resume/layers); {cpus} CPUs; best of {ctx.reps}; {time.perf_counter() - t_start:.0f} s")
     print(format_table(rows, header))

@@ -57,7 +57,7 @@ def candidates() -> dict:
 
 def extract_features(root: Path, label: str, backbone: str, arch: str, n: int, dtype: str) -> dict[str, np.ndarray]:
     """{feature: (n, T, C) array} from a real `extract` run (random weights, no compression, no fsync)."""
-    from featstore.extract import extract
+    from featstore.extraction import extract
     from featstore.sample import make_sample_subject
     from featstore.storage import FeatureStore
 

@@ -64,7 +64,7 @@ def timed(fn, *a, **kw):
 
 def best_extract(reps: int, subj: Path, dest, **kw) -> float:
     """Best of `reps` extractions, each into a fresh store (`dest(i)`)."""
-    from featstore.extract import extract
+    from featstore.extraction import extract
 
     return min(timed(extract, subj, dest(i), **kw)[0] for i in range(reps))
 
@@ -91,8 +91,10 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
-    import featstore.distributed as fdist
-    from featstore.extract import extract
+    import dask
+    import distributed
+
+    from featstore.extraction import extract
     from featstore.sample import make_sample_subject
 
     root = Path(a.dir or tempfile.mkdtemp(prefix="featstore-scaleout-"))
@@ -106,7 +108,9 @@ def main() -> None:
     rows.append(("single process, no dask", f"{s:.1f} s ({a.images / s:.1f} img/s)"))
     for n in (1, 2):
         t0 = time.perf_counter()
-        with fdist._client(None, n, gpu=False) as client:
+        with dask.config.set({"distributed.worker.daemon": False}), distributed.LocalCluster(
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
             start = time.perf_counter() - t0
             cold, _ = timed(extract, subj, root / f"w{n}-cold.zarr", scheduler=client.scheduler.address, **run)
             warm = best_extract(a.reps, subj, lambda i, n=n: root / f"w{n}-warm{i}.zarr",

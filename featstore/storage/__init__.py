@@ -7,7 +7,7 @@ from .array import FeatureArray, VerifyReport
 from .completion import CompletionRecord, WriterLock
 from .fingerprint import fingerprint_diff, image_list_diff
 from .remote import is_url
-from .schema import CODECS, DEFAULT_CODEC, FORMAT_VERSION, ArraySpec, compressors, nsd_ids
+from .schema import CODECS, DEFAULT_CODEC, FORMAT_VERSION, ArraySpec, compressors, nsd_ids, split_path
 from .store import FeatureStore, check_writable_dir
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "image_list_diff",
     "is_url",
     "nsd_ids",
+    "split_path",
 ]

@@ -26,14 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from . import _dask
-from ._progress import tqdm
-from .backbones import Backbone
-from .errors import BadArgumentError, ClusterError, FeatstoreError, Interrupted, StoreError, Terminated, one_line
-from .extract import ExtractConfig, ExtractResult, SplitJob, build_backbone, parse_shard, resolve_device
+from .. import _dask
+from .._progress import tqdm
+from ..backbones import Backbone
+from ..devices import resolve_device
+from ..errors import BadArgumentError, ClusterError, FeatstoreError, StoreError, one_line
+from ..layout import Subject
+from ..storage import FeatureStore
+from .config import ExtractConfig
 from .images import check_splits
-from .layout import Subject
-from .storage import FeatureStore
+from .launcher import Share, detect_share
+from .plan import ExtractResult, SplitPlan
+from .run import fill, interrupted
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +53,14 @@ def extract_on_cluster(subject: Subject, subj: str, output_dir: str | Path, cfg:
     if isinstance(cfg.backbone, Backbone):
         raise BadArgumentError("a distributed extraction builds the backbone on each worker: pass it by name "
                                "(backbone='dinov2_q', arch=..., weights=...), not as a built Backbone")
-    share = parse_shard(cfg.shard)
+    share = detect_share(cfg.shard)
     # built on the client's CPU only for what the arrays are defined by: token shape, layout, weights identity
-    bb = build_backbone(cfg, weights=cfg.weights)
-    if bb.weights.get("kind") == "random":
-        log.warning("using RANDOM weights (seed %s) for %s: features are not pretrained",
-                    bb.weights.get("seed"), ",".join(o.backbone for o in bb.outputs))
+    bb = cfg.build_backbone()
     checked = check_splits(subject.images, bb.preprocess)  # every image's header, before anything is written
     fs = store or FeatureStore(output_dir, mode="a", storage_options=cfg.storage_options)
     jobs = []
     for split, paths in subject.images.items():
-        job = SplitJob(fs, bb, cfg, subj, split, paths, share, checked[split])
+        job = SplitPlan(fs, bb, cfg, subj, split, paths, share, checked[split])
         arrays = job.prepare()
         todo = job.todo(arrays)
         jobs.append((job, arrays, sorted(set().union(*todo.values()))))
@@ -70,7 +71,7 @@ def extract_on_cluster(subject: Subject, subj: str, output_dir: str | Path, cfg:
         with contextlib.ExitStack() as stack:
             for _, arrays, _ in jobs:  # one writer per share of a local store, as in a single-process run
                 for fa in arrays:
-                    stack.enter_context(fa.lock(share))
+                    stack.enter_context(fa.lock((share.k, share.n)))
             client = stack.enter_context(_dask.client(scheduler, workers, local_ok=False, daemon=False,
                                                         resources={"GPU": 1} if cfg.device.startswith("cuda") else None))
             computed, spans = _run_tasks(client, fs, cfg, jobs, share)
@@ -125,9 +126,7 @@ def _run_tasks(client, fs: FeatureStore, cfg: ExtractConfig, jobs, share):
             bar.update(rows)
     except KeyboardInterrupt as e:
         client.cancel(futures)
-        state = ", ".join(f"{fa.progress()} of {fa.path}" for _, arrays, _ in jobs for fa in arrays)
-        code = 143 if isinstance(e, Terminated) else 130
-        raise Interrupted(f"interrupted: {state} are done; rerun the same command to resume", exit_code=code) from None
+        raise interrupted([fa for _, arrays, _ in jobs for fa in arrays], e) from None
     except BaseException:
         client.cancel(futures)
         raise
@@ -142,7 +141,7 @@ _models_lock = threading.Lock()
 
 
 def _fill_range(source, storage_options, cfg: ExtractConfig, subj: str, split: str, paths: list[Path],
-                share: tuple[int, int], spec: list[tuple[str, str]], units: list[int]) -> dict[str, Any]:
+                share: Share, spec: list[tuple[str, str]], units: list[int]) -> dict[str, Any]:
     """One task: compute the units of `units` still missing. featstore errors come back as data (a user mistake
     such as a corrupt image is not retried); anything else raises, and dask retries the task. The task times itself
     with the wall clock (comparable across the cluster's processes), so each split reports its own time."""
@@ -154,11 +153,10 @@ def _fill_range(source, storage_options, cfg: ExtractConfig, subj: str, split: s
                         "distributed.worker.daemon: false to use --num_workers %d)", cfg.num_workers)
             cfg = replace(cfg, num_workers=0)
         fs = FeatureStore(source, mode="a", storage_options=storage_options)
-        job = SplitJob(fs, bb, cfg, subj, split, paths, share)
-        if "fork" in multiprocessing.get_all_start_methods():
-            # dask workers default to spawn, which would import torch in every loader worker of every task; the
-            # loader workers only decode images, with one torch thread (set by torch), so fork is safe and instant
-            job.loader_context = "fork"
+        job = SplitPlan(fs, bb, cfg, subj, split, paths, share)
+        # dask workers default to spawn, which would import torch in every loader worker of every task; the loader
+        # workers only decode images, with one torch thread (set by torch), so fork is safe and instant
+        context = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
         arrays = []
         for feature, uid in spec:
             fa = fs.get(feature, subj, split)
@@ -166,38 +164,32 @@ def _fill_range(source, storage_options, cfg: ExtractConfig, subj: str, split: s
                 raise StoreError(f"{fa.path} in {fs.location} was replaced while this extraction ran (--overwrite "
                                  "elsewhere?); rerun the command")
             arrays.append(fa)
-        computed = job.fill(arrays, job.todo(arrays, units), dev)
+        computed = fill(job, arrays, job.todo(arrays, units), dev, context)
         return {"computed": computed, "started": started, "ended": time.time()}
     except FeatstoreError as e:
         return {"error": e}
 
 
 def _worker_backbone(cfg: ExtractConfig) -> tuple[Backbone, Any]:
-    """This process's model for `cfg`, built on first use and kept (one at a time: a new config replaces it)."""
+    """This process's model for `cfg`, built on first use and kept (one at a time: a new config replaces it). With
+    `cuda`, a LocalCluster's integer-named worker drives GPU `name % count` (devices.resolve_device)."""
     key = (str(cfg.backbone), str(cfg.enc_layer), cfg.weights, cfg.arch, cfg.seed, cfg.image_size, cfg.device)
     with _models_lock:
         if key not in _models:
             _models.clear()
-            dev = resolve_device(_worker_device(cfg.device))
-            _models[key] = (build_backbone(cfg, weights=cfg.weights).to(dev), dev)
+            dev = resolve_device(cfg.device, worker_index=_worker_index())
+            _models[key] = (cfg.build_backbone().to(dev), dev)
         return _models[key]
 
 
-def _worker_device(device: str) -> str:
-    """`cuda` on a worker: the launcher's GPU where it narrowed CUDA_VISIBLE_DEVICES (dask-cuda, srun), else GPU
-    `name % count` for a LocalCluster's integer-named workers, so each worker process drives its own GPU."""
-    if device.strip().lower() != "cuda" or os.environ.get("CUDA_VISIBLE_DEVICES"):
-        return device
+def _worker_index() -> int | None:
     try:
         import distributed
-        import torch
 
         name = distributed.get_worker().name
-        if isinstance(name, int) and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-            return f"cuda:{name % torch.cuda.device_count()}"
     except (ImportError, ValueError):  # not on a dask worker
-        pass
-    return device
+        return None
+    return name if isinstance(name, int) else None
 
 
 __all__ = ["extract_on_cluster"]

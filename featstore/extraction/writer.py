@@ -10,8 +10,8 @@ import threading
 
 import numpy as np
 
-from .errors import StoreWriteError
-from .storage import FeatureArray
+from ..errors import StoreWriteError
+from ..storage import FeatureArray
 
 
 class ChunkAssembler:

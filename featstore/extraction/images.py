@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from .errors import BadArgumentError, CorruptImageError
+from ..errors import BadArgumentError, CorruptImageError
 
 if TYPE_CHECKING:
-    from .backbones import Preprocess
+    from ..backbones import Preprocess
 
 log = logging.getLogger(__name__)
 

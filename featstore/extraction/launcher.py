@@ -1,12 +1,13 @@
-"""Which share of the work this process does, and which GPU it uses, from the launcher's environment.
+"""Which share of the work this process does (`--shard K/N`), and its local rank, from the launcher's environment.
 
 featstore has no scheduler of its own: SLURM (job arrays, `srun` tasks) and torchrun already start N processes and
 tell each one who it is through environment variables. `--shard auto` reads them, so the same command line works in
 an sbatch script, under torchrun, or by hand. Pure Python on purpose (no torch, zarr or dask): the CLI resolves the
-shard before it imports anything heavy, and the tests need no launcher.
+share before it imports anything heavy, and the tests need no launcher.
 
 Levels compose: a SLURM array task is the outer level; inside it, torchrun's ranks (when present) or else the
 `srun` task ranks are the inner level. So `sbatch --array=0-3` with `torchrun --nproc_per_node 2` gives 8 shares.
+(A *share* is one process's part of the work; a *pack* is zarr sharding, `--pack`: the two never share a name.)
 torchrun wins over `SLURM_PROCID`/`SLURM_NTASKS` because torchrun is commonly started as one SLURM task whose
 `SLURM_PROCID` is 0 for every rank; torchrun's RANK/WORLD_SIZE already count across its nodes.
 """
@@ -18,7 +19,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import BadArgumentError
+import numpy as np
+
+from ..errors import BadArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ AUTO = "auto"
 
 
 @dataclass(frozen=True)
-class Shard:
+class Share:
     """Share `k` (0-based) of `n`, where it came from, and the launcher's local rank (for the GPU), if any."""
 
     k: int
@@ -35,57 +38,36 @@ class Shard:
     local_rank: int | None = None
 
     def line(self) -> str:
-        return f"shard {self.k}/{self.n} ({self.source})"
+        return f"share {self.k}/{self.n} ({self.source})"
 
 
-def resolve_shard(spec: str | tuple[int, int] | None, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    """`--shard` value -> (K, N): None -> (0, 1); "K/N" (0-based); "auto" -> from SLURM/torchrun variables."""
-    s = detect_shard(spec, env)
-    return s.k, s.n
-
-
-def detect_shard(spec: str | tuple[int, int] | None, env: Mapping[str, str] = os.environ) -> Shard:
-    """Like `resolve_shard`, keeping the source of the numbers (for logs) and the local rank (for the device)."""
+def detect_share(spec: str | tuple[int, int] | None, env: Mapping[str, str] = os.environ) -> Share:
+    """`--shard` value -> Share: None -> 0/1; "K/N" (0-based); (K, N); "auto" -> from SLURM/torchrun variables.
+    The share keeps the source of its numbers (for the log) and the launcher's local rank (for the device)."""
     if spec is None:
-        return Shard(0, 1, "no --shard: the whole array")
+        return Share(0, 1, "no --shard: the whole array")
     if isinstance(spec, tuple):
         if len(spec) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
             raise BadArgumentError(f"--shard {spec!r}: expected (K, N) integers")
-        return _checked(Shard(spec[0], spec[1], "given"))
+        return _checked(Share(spec[0], spec[1], "given"))
     text = str(spec).strip()
     if text.lower() == AUTO:
         return _auto(env)
     m = re.fullmatch(r"(\d+)\s*/\s*(\d+)", text)
     if not m:
         raise BadArgumentError(f"--shard {spec!r}: expected K/N (e.g. 0/4, K counted from 0) or auto")
-    return _checked(Shard(int(m.group(1)), int(m.group(2)), f"--shard {text}"))
+    return _checked(Share(int(m.group(1)), int(m.group(2)), f"--shard {text}"))
 
 
-def describe_shard(spec: str | tuple[int, int] | None, env: Mapping[str, str] = os.environ) -> str:
-    """One line for the log: which share this process fills and why, e.g. 'shard 5/8 (SLURM array task 2 of 4 x
-    torchrun rank 1 of 2)'."""
-    return detect_shard(spec, env).line()
+def local_rank(spec: str | tuple[int, int] | None, env: Mapping[str, str] = os.environ) -> int | None:
+    """The launcher's local rank (torchrun LOCAL_RANK, SLURM_LOCALID) where `--shard auto` applies, else None: with
+    it, `--device cuda` means this process's own GPU (devices.resolve_device)."""
+    return detect_share(AUTO, env).local_rank if _is_auto(spec) else None
 
 
-def resolve_device(device: str, env: Mapping[str, str] = os.environ, *, shard: str | tuple | None = AUTO) -> str:
-    """`--device cuda` -> `cuda:LOCAL_RANK` when `--shard auto` applies and the launcher names a local rank.
-
-    One process per GPU is the launchers' convention (torchrun's LOCAL_RANK, SLURM's SLURM_LOCALID); without it every
-    process on a node would pile onto cuda:0. An explicit `cuda:N` or `cpu` is left alone. Where the launcher already
-    narrowed CUDA_VISIBLE_DEVICES (e.g. `srun --gpus-per-task=1`), the local rank counts within the visible devices.
-    Returns a string; the caller builds the torch.device (and falls back to CPU where CUDA is missing).
-    """
-    if device.strip().lower() != "cuda" or not _is_auto(shard):
-        return device
-    local = detect_shard(AUTO, env).local_rank
-    if local is None:
-        return device
-    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if visible and local >= len(visible):
-        log.info("local rank %d with CUDA_VISIBLE_DEVICES=%s: using cuda:%d", local, ",".join(visible),
-                 local % len(visible))
-        local %= len(visible)
-    return f"cuda:{local}"
+def share_units(nunits: int, share: Share) -> np.ndarray:
+    """The unit indices of one share: one contiguous range of N nearly equal ones."""
+    return np.array_split(np.arange(nunits), share.n)[share.k]
 
 
 # ---- detection ---------------------------------------------------------------------------------------------------
@@ -93,21 +75,21 @@ def _is_auto(shard) -> bool:
     return isinstance(shard, str) and shard.strip().lower() == AUTO
 
 
-def _auto(env: Mapping[str, str]) -> Shard:
+def _auto(env: Mapping[str, str]) -> Share:
     outer = _slurm_array(env)
     inner = _torchrun(env) or _slurm_tasks(env)
     if outer is None and inner is None:
         log.warning("--shard auto: no SLURM or torchrun variables found; this process fills the whole array (0/1)")
-        return Shard(0, 1, "auto: no SLURM or torchrun variables, whole array")
+        return Share(0, 1, "auto: no SLURM or torchrun variables, whole array")
     if outer is None:
         return inner
     if inner is None or inner.n == 1:
-        return Shard(outer.k, outer.n, outer.source, inner.local_rank if inner else None)
-    return _checked(Shard(outer.k * inner.n + inner.k, outer.n * inner.n, f"{outer.source} x {inner.source}",
+        return Share(outer.k, outer.n, outer.source, inner.local_rank if inner else None)
+    return _checked(Share(outer.k * inner.n + inner.k, outer.n * inner.n, f"{outer.source} x {inner.source}",
                           inner.local_rank))
 
 
-def _slurm_array(env: Mapping[str, str]) -> Shard | None:
+def _slurm_array(env: Mapping[str, str]) -> Share | None:
     """An sbatch job array: task ids min, min+step, ..., not necessarily from 0 (`--array=1-8`, `--array=0-14:2`)."""
     if "SLURM_ARRAY_TASK_ID" not in env:
         return None
@@ -127,10 +109,10 @@ def _slurm_array(env: Mapping[str, str]) -> Shard | None:
             f"--shard auto: SLURM array task {tid} is not in a regular range (min {lo}, step {step}, {count} tasks); "
             "use --array=A-B[:S] or pass --shard K/N explicitly"
         )
-    return _checked(Shard(off, count, f"SLURM array task {tid} of {count}, from {lo}"))
+    return _checked(Share(off, count, f"SLURM array task {tid} of {count}, from {lo}"))
 
 
-def _slurm_tasks(env: Mapping[str, str]) -> Shard | None:
+def _slurm_tasks(env: Mapping[str, str]) -> Share | None:
     """`srun` tasks of one job step. The step's own count comes first: SLURM_NTASKS is the allocation's."""
     if "SLURM_PROCID" not in env:
         return None
@@ -142,15 +124,15 @@ def _slurm_tasks(env: Mapping[str, str]) -> Shard | None:
     if n > 1 and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
         log.warning("--shard auto: %s=%d but this process was not started by srun; it fills share %d/%d only "
                     "(start one process per task with srun)", n_var, n, k, n)
-    return _checked(Shard(k, n, f"SLURM task {k} of {n}", local))
+    return _checked(Share(k, n, f"SLURM task {k} of {n}", local))
 
 
-def _torchrun(env: Mapping[str, str]) -> Shard | None:
+def _torchrun(env: Mapping[str, str]) -> Share | None:
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return None
     k, n = _int(env, "RANK"), _int(env, "WORLD_SIZE")
     local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else None
-    return _checked(Shard(k, n, f"torchrun rank {k} of {n}", local))
+    return _checked(Share(k, n, f"torchrun rank {k} of {n}", local))
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
@@ -165,7 +147,7 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
         raise BadArgumentError(f"--shard auto: {name}={raw!r} is not an integer") from None
 
 
-def _checked(s: Shard) -> Shard:
+def _checked(s: Share) -> Share:
     if not (s.n >= 1 and 0 <= s.k < s.n):
         where = "" if s.source.startswith(("--shard", "given")) else f" (--shard auto: {s.source})"
         raise BadArgumentError(f"--shard {s.k}/{s.n}: K must be in 0..N-1{where}")

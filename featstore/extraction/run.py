@@ -1,0 +1,150 @@
+"""Filling one split on one process: image-loader workers -> backbone -> background writer -> store.
+
+One forward pass per batch yields every requested (variant, layer); each array receives only the units it lacks
+(writer.py assembles and writes them). torch is imported only here, inside the functions that run the model.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._progress import tqdm
+from ..errors import CorruptImageError, Float16OverflowError, Interrupted, Terminated
+from ..storage import FeatureArray
+from .images import ImageFiles, collate, quiet_worker
+from .plan import SplitPlan, SplitSummary
+from .writer import BackgroundWriter, ChunkAssembler
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+def run_split(plan: SplitPlan, dev: torch.device) -> list[SplitSummary]:
+    """Fill what the split's arrays lack among this process's share of the units, holding each array's writer lock
+    for the share (a second process on the same share is refused)."""
+    t0 = time.perf_counter()
+    arrays = plan.prepare()
+    locks = [fa.lock((plan.share.k, plan.share.n)).acquire() for fa in arrays]
+    try:
+        todo = plan.todo(arrays)
+        plan.check_space(arrays, todo)
+        computed = fill(plan, arrays, todo, dev)
+    finally:
+        for lk in locks:
+            lk.release()
+    return plan.summaries(arrays, computed, time.perf_counter() - t0)
+
+
+def fill(plan: SplitPlan, arrays: list[FeatureArray], todo: dict[str, list[int]], dev: torch.device,
+         loader_context: str | None = None) -> dict[str, int]:
+    """Compute and write the `todo` units (after removing stray temp files of exactly those units); returns the
+    rows computed per array. `loader_context`: start method of the image-decoding workers (None: torch's)."""
+    for fa in arrays:
+        if todo[fa.path]:
+            removed = fa.clean_partials(todo[fa.path])
+            if removed:
+                log.info("%s: removed %d stray temporary files from an interrupted run", fa.path, removed)
+    return _compute(plan, arrays, todo, dev, loader_context) if any(todo.values()) else {}
+
+
+def interrupted(arrays: list[FeatureArray], exc: BaseException) -> Interrupted:
+    """The one-line report of a stopped run (Ctrl-C: 130, SIGTERM: 143): what is done, and how to go on."""
+    state = ", ".join(f"{fa.progress()} of {fa.path}" for fa in arrays)
+    code = 143 if isinstance(exc, Terminated) else 130
+    return Interrupted(f"interrupted: {state} are done; rerun the same command to resume", exit_code=code)
+
+
+def _rows_needed(plan: SplitPlan, arrays: list[FeatureArray], todo: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    need = {fa.path: np.zeros(len(plan.paths), dtype=bool) for fa in arrays}
+    for fa in arrays:
+        for c in todo[fa.path]:
+            need[fa.path][slice(*fa.chunk_range(c))] = True
+    return need
+
+
+def _loader(plan: SplitPlan, indices: list[int], dev: torch.device, context: str | None):
+    from torch.utils.data import DataLoader
+
+    cfg, workers = plan.cfg, plan.cfg.num_workers
+    return DataLoader(
+        ImageFiles(plan.paths, indices, plan.bb.preprocess, plan.input_hw),
+        batch_size=cfg.batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+        pin_memory=dev.type == "cuda", prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=quiet_worker if workers > 0 else None, multiprocessing_context=context if workers > 0 else None,
+    )
+
+
+def _compute(plan: SplitPlan, arrays: list[FeatureArray], todo: dict[str, list[int]], dev: torch.device,
+             context: str | None) -> dict[str, int]:
+    import torch
+
+    cfg = plan.cfg
+    need = _rows_needed(plan, arrays, todo)
+    indices = [int(i) for i in np.flatnonzero(np.logical_or.reduce(list(need.values())))]
+    loader = _loader(plan, indices, dev, context)
+    tdtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    assemblers = {fa.path: ChunkAssembler(fa, todo[fa.path]) for fa in arrays}
+    single = len(arrays) == 1
+    desc = arrays[0].path if single else f"{plan.subj}/{plan.split}: {len(arrays)} arrays"
+    bar = tqdm(total=int(sum(n.sum() for n in need.values())), desc=desc, unit="img" if single else "row",
+               disable=not cfg.progress, smoothing=0.1)
+    writer = BackgroundWriter(cfg.durable, cfg.queue_mb << 20, on_written=bar.update)
+    computed = dict.fromkeys(need, 0)
+    try:
+        for idx, x, errors in loader:
+            if errors:
+                raise CorruptImageError(errors[0])
+            idx_arr = np.asarray(idx)
+            with torch.inference_mode():
+                ys = plan.bb.forward_features(x.to(dev, non_blocking=True))
+                for fa in arrays:
+                    sel = need[fa.path][idx_arr]
+                    if sel.any():
+                        rows = _stored_rows(plan, fa, ys[fa.feature], sel, idx_arr, tdtype)
+                        for first, data in assemblers[fa.path].add(rows):
+                            writer.put(fa, first, data)
+                        computed[fa.path] += len(rows)
+    except KeyboardInterrupt as e:
+        writer.close()  # the rows already computed are written: nothing finished is lost
+        bar.close()
+        raise interrupted(arrays, e) from None
+    except BaseException:
+        writer.close()
+        bar.close()
+        writer.check()
+        raise
+    writer.close()
+    bar.close()
+    writer.check()
+    return computed
+
+
+def _stored_rows(plan: SplitPlan, fa: FeatureArray, y: torch.Tensor, sel: np.ndarray, idx: np.ndarray,
+                 tdtype: torch.dtype) -> np.ndarray:
+    """The batch's rows that `fa` needs, in the stored dtype (converted on the device, before the host copy); a
+    value beyond float16 is an error naming the image, never an inf in the store."""
+    import torch
+
+    if not sel.all():
+        y = y[torch.from_numpy(sel).to(y.device)]
+    y = y.to(tdtype)
+    if tdtype == torch.float16 and has_inf(y):
+        bad = int(torch.isinf(y).flatten(1).any(1).nonzero()[0])
+        raise Float16OverflowError(
+            f"{plan.paths[idx[sel][bad]]}: a feature value of {fa.feature} exceeds the float16 range (65504); "
+            "rerun with --dtype float32 (and --overwrite)"
+        )
+    return y.cpu().numpy()
+
+
+def has_inf(y: torch.Tensor) -> bool:
+    """`torch.isinf(y).any()`, ~10x cheaper for float16 on CPU: one aminmax pass, the exact test only if it is not finite."""
+    import torch
+
+    lo, hi = torch.aminmax(y)
+    return not bool(torch.isfinite(lo) & torch.isfinite(hi)) and bool(torch.isinf(y).any())
