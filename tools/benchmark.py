@@ -925,7 +925,7 @@ def format_table(rows: list[dict], header: str) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=400, help="samples for the write, read and stats rows (default 400)")
     p.add_argument("--startup-n", type=int, default=2000, help="samples for the start-up rows (default 2000)")
@@ -938,6 +938,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="make the working folder in DIR (default: the system's temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the working folder instead of removing it at the end")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     ctx = p.parse_args(argv)
     if ctx.child:
         print(json.dumps(run_child(ctx.child[0], json.loads(ctx.child[1]))))
