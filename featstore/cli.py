@@ -22,7 +22,7 @@ from .errors import FeatstoreError, Interrupted, Terminated
 log = logging.getLogger("featstore")
 
 
-def add_extract_args(p: argparse.ArgumentParser, guide_defaults: bool = True) -> None:
+def add_extract_args(p: ArgumentParser, guide_defaults: bool = True) -> None:
     """The guide's flags (same names and defaults) plus featstore's own."""
     from .backbones import list_backbones
     from .storage import CODECS, DEFAULT_CODEC
@@ -37,7 +37,7 @@ def add_extract_args(p: argparse.ArgumentParser, guide_defaults: bool = True) ->
     p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--device", default="cuda", help="cuda (falls back to cpu with a warning), cuda:N or cpu "
                    "(default cuda; with --shard auto, cuda means cuda:LOCAL_RANK)")
-    p.add_argument("--enc_layer", default="-1",
+    p.add_argument("--enc_layer", default="-1", negative_numbers=True,
                    help="block index, negative from the end; a list (-1,-4,6), a range (0:12) or all (default -1)")
     p.add_argument("--weights", default="pretrained", help="pretrained (default), random, or a checkpoint PATH")
     p.add_argument("--arch", default=None, help="override the architecture (timm/open_clip name, or 'tiny')")
@@ -296,9 +296,19 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+        self.negative_number_options: set[str] = set()
 
-    def add_argument(self, *names, **kwargs):
-        return _add_with_twin(super().add_argument, names, kwargs)
+    def add_argument(self, *names, negative_numbers: bool = False, **kwargs):
+        """`negative_numbers`: the value may start with a negative number (`--enc_layer -1,-4,6`, `-4:`), which
+        argparse alone reads as an unknown flag unless it is a single number."""
+        action = _add_with_twin(super().add_argument, names, kwargs)
+        if negative_numbers:
+            self.negative_number_options.update(action.option_strings)
+        return action
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(_join_negative_values(args, self.negative_number_options), namespace)
 
     def add_argument_group(self, *args, **kwargs):
         return _with_twins(super().add_argument_group(*args, **kwargs))
@@ -310,6 +320,23 @@ class ArgumentParser(argparse.ArgumentParser):
         message = re.sub(r"(--[\w-]+)/(--[\w-]+)",  # "--data_dir/--data-dir" -> "--data_dir"
                          lambda m: m[1] if m[1].replace("-", "_") == m[2].replace("-", "_") else m[0], message)
         self.exit(2, f"{self.prog.split()[0]}: error: {message} (see: {self.prog} --help)\n")
+
+
+def _join_negative_values(args: list[str], options: set[str]) -> list[str]:
+    """`--opt -1,-4,6` -> `--opt=-1,-4,6` for the options that take negative numbers (the spelling argparse itself
+    reads as one value); a flag after the option (`--opt --device`) is left alone, so a missing value stays an error."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            return out + args[i:]
+        if a in options and i + 1 < len(args) and re.match(r"-[\d.,:]", args[i + 1]):
+            out.append(f"{a}={args[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
 
 
 def _with_twins(group):

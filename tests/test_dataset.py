@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from featstore import FeatureDataset, FeatureStore, export_npy, extract, make_sample_subject, train_val_split
 from featstore.errors import BadArgumentError, IncompleteArrayError, LayoutError, NotFoundInStoreError, StoreError
-from featstore.storage import ArraySpec
+from featstore.storage import ArraySpec, _zarr_compat
 
 DINO = ("dinov2_q_last", (31, 31), 8)  # feature, real grid, small C
 CLIP = ("clip_vit_512", (16, 16), 12)
@@ -126,9 +126,10 @@ def test_indices_select_and_order_samples(store):
 
 
 def test_fast_local_read_equals_zarr_read_and_checks_the_checksum(store, tmp_path):
-    """FeatureArray.read_sample decodes the chunk file itself; it must equal zarr's own read, partial chunk too."""
+    """FeatureArray.read_sample decodes the chunk file itself where zarr offers the fast path; it must equal zarr's own
+    read, partial chunk too. On the public path (older zarr, FEATSTORE_CHUNKIO=public) the checksum check still holds."""
     fa = FeatureStore(store["root"]).get(DINO[0], "01", "train")
-    assert fa._steps is not None  # the local fast path is in use
+    assert (fa._steps is not None) == _zarr_compat.fast_enabled()  # the path this environment selects is the one in use
     for j in range(store["n"]):
         np.testing.assert_array_equal(fa.read_sample(j), fa.zarr[j])
     # a flipped byte in a chunk file is caught by the crc32c codec, as zarr's path would

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from featstore import extract
 from featstore.errors import CorruptImageError, StoreWriteError
 from featstore.sample import make_sample_subject
 from featstore.storage import FeatureStore
-from tests.conftest import TINY, cli_here, run_cli
+from tests.conftest import TINY, cli_here
 
 N = 10
 CRASHRUN = Path(__file__).with_name("crashrun.py")
@@ -72,19 +73,26 @@ def _crash_applies(point: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def crashed(subj, tmp_path_factory) -> dict:
-    """Every crash run started at once (each is a fresh interpreter; together they use both cores), each into its
-    own store; a test waits for its own."""
+def crashed(subj, tmp_path_factory):
+    """Every crash run started at once, each a real process forked from one interpreter (crashrun.py) into its own
+    store; `crashed(id)` waits for them and gives (store, exit status, the run's output)."""
     root = tmp_path_factory.mktemp("crash")
-    runs = {}
-    for cid, (point, k, chunk, _) in zip(CRASH_IDS, CRASHES):
-        if _crash_applies(point):
-            store = root / cid / "s.zarr"
-            runs[cid] = store, subprocess.Popen(
-                [sys.executable, str(CRASHRUN), str(subj), str(store), point, str(k), str(chunk), "4"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    yield runs
-    for _, p in runs.values():
+    jobs = {cid: {"store": str(root / cid / "s.zarr"), "point": point, "k": k, "chunk": chunk, "batch": 4}
+            for cid, (point, k, chunk, _) in zip(CRASH_IDS, CRASHES) if _crash_applies(point)}
+    p = subprocess.Popen([sys.executable, str(CRASHRUN), str(subj), json.dumps(list(jobs.values()))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done: dict[str, int] = {}
+
+    def result(cid: str) -> tuple[Path, int, str]:
+        if not done:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, (out, err)
+            done.update(json.loads(out.strip().splitlines()[-1]))
+        store = jobs[cid]["store"]
+        return Path(store), done[store], Path(store + ".log").read_text()
+
+    yield result
+    if p.poll() is None:
         p.kill()
         p.communicate()
 
@@ -93,9 +101,8 @@ def crashed(subj, tmp_path_factory) -> dict:
 def test_sigkill_then_resume_is_bit_identical(crashed, subj, reference, request, point, k, chunk, expected_done):
     if not _crash_applies(point):
         pytest.skip("the kill point patches the fast chunk path, which this zarr lacks")
-    store, p = crashed[request.node.callspec.id]
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == -signal.SIGKILL, (p.returncode, out, err)
+    store, code, log = crashed(request.node.callspec.id)
+    assert code == -signal.SIGKILL, (code, log)
     done = _done(store)
     if expected_done is not None:
         assert done == expected_done
@@ -184,7 +191,7 @@ def test_disk_full_then_resume(subj, reference, tmp_path):
     _assert_equal_to_reference(store, reference)
 
 
-def test_two_concurrent_shards_equal_one_process(subj, reference, tmp_path):
+def test_two_concurrent_shards_equal_one_process(subj, reference, tmp_path, capsys):
     store = tmp_path / "s.zarr"
     procs = [subprocess.Popen(_cli_args(subj, store, "--shard", f"{k}/2", "--batch_size", "3"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
@@ -192,7 +199,7 @@ def test_two_concurrent_shards_equal_one_process(subj, reference, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "computed 5, skipped 5" in outs[0][0] and "computed 5, skipped 5" in outs[1][0]
     _assert_equal_to_reference(store, reference)
-    info = run_cli("info", str(store))
+    info = cli_here(capsys, "info", str(store))
     assert "10/10" in info.stdout and "2/2" in info.stdout
 
 
@@ -218,21 +225,21 @@ def test_changed_configuration_is_refused_and_changes_nothing(tmp_path, capsys):
     assert res.splits[0].computed == 5 and FeatureStore(store).get(*ARR).shape[0] == 5
 
 
-def test_verify_detects_flipped_byte_and_repair_recomputes(subj, reference, tmp_path):
+def test_verify_detects_flipped_byte_and_repair_recomputes(subj, reference, tmp_path, capsys):
     store = tmp_path / "s.zarr"
     extract(subj, store, backbone="dinov2_q", batch_size=4, **TINY)
-    assert run_cli("verify", str(store)).returncode == 0
+    assert cli_here(capsys, "verify", str(store)).returncode == 0
     chunk = store / "dinov2_q_last/01/train/c/7/0/0"
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
-    r = run_cli("verify", str(store))
+    r = cli_here(capsys, "verify", str(store))
     assert r.returncode == 1 and "dinov2_q_last/01/train: FAILED" in r.stdout and "corrupt chunks: 7" in r.stdout
-    r = run_cli("verify", "--repair", str(store))
+    r = cli_here(capsys, "verify", "--repair", str(store))
     assert r.returncode == 1 and "marked not done" in r.stdout
     res = extract(subj, store, backbone="dinov2_q", batch_size=4, **TINY)
     assert res.splits[0].computed == 1
-    assert run_cli("verify", str(store)).returncode == 0
+    assert cli_here(capsys, "verify", str(store)).returncode == 0
     _assert_equal_to_reference(store, reference)
 
 

@@ -45,8 +45,8 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_fast_and_public_chunk_paths_write_identical_bytes_and_read_identical_values(subject, store, tmp_path):
-    if not _zarr_compat.fast_available():
-        pytest.skip("this zarr lacks the internals of the fast path: only the public path exists")
+    if not _zarr_compat.fast_enabled():
+        pytest.skip("only the public path runs here (this zarr lacks the fast path's internals, or FEATSTORE_CHUNKIO=public)")
     with _zarr_compat.public_path():
         extract(subject, tmp_path / "pub.zarr", backbone="dinov2_q", batch_size=4, **TINY)
         pub = FeatureStore(tmp_path / "pub.zarr").get("dinov2_q_last", "01", "train")
@@ -116,8 +116,11 @@ def test_format0_store_stays_readable(tmp_path):
 
 def test_interrupted_format0_store_resumes_in_its_own_format_and_codec(tmp_path, capsys):
     """An extraction begun by the previous featstore (format 0, lz4 codec, then the default) and interrupted is
-    finished by rerunning the same command: only the missing sample is computed, in the array's own format and codec,
-    and the values equal those the old version wrote (sha256 recorded with the fixture)."""
+    finished by rerunning the same command: only the missing sample is computed, in the array's own format and codec.
+    The samples it kept are the old version's exact bytes; the recomputed one equals, bit for bit, what this
+    environment computes for it in an uninterrupted run, and the old version's value within one float16 step (the
+    fixture was written by another torch build: CPU and CUDA builds of torch differ in the last bits of a few
+    elements, so values stored by another build are compared within a tolerance, never by their bytes)."""
     import shutil
 
     from featstore.sample import make_sample_subject
@@ -126,6 +129,7 @@ def test_interrupted_format0_store_resumes_in_its_own_format_and_codec(tmp_path,
     shutil.copytree(DATA / "format0_store", store)
     subj = make_sample_subject(tmp_path / "data", n_train=3, n_test=1, seed=0)  # the fixture's images
     fa = FeatureStore(store, mode="a").get("dinov2_q_last", "01", "train")
+    old = fa.read(0, 3)
     fa.mark_undone([1])
     (store / "dinov2_q_last/01/train/c/1/0/0").unlink()  # as if killed before sample 1 was written
     codecs_before = json.loads((store / "dinov2_q_last/01/train/zarr.json").read_text())["codecs"]
@@ -134,11 +138,17 @@ def test_interrupted_format0_store_resumes_in_its_own_format_and_codec(tmp_path,
     assert r.returncode == 0, r.stderr
     assert "dinov2_q_last/01/train: N=3" in r.stdout and "computed 1, skipped 2" in r.stdout, r.stdout
     assert "dinov2_q_last/01/synt: N=1" in r.stdout and "computed 0, skipped 1" in r.stdout, r.stdout
-    expected = json.loads((DATA / "format0_store.json").read_text())["train"]["sha256"]
     fa = FeatureStore(store).get("dinov2_q_last", "01", "train")
     assert fa.format_version == 0 and fa.is_complete() and fa.verify().ok
-    assert hashlib.sha256(fa.read(0, 3).tobytes()).hexdigest() == expected
     assert json.loads((store / "dinov2_q_last/01/train/zarr.json").read_text())["codecs"] == codecs_before
+    got = fa.read(0, 3)
+    np.testing.assert_array_equal(got[[0, 2]], old[[0, 2]])  # untouched: the old version's bytes
+    extract(subj, tmp_path / "new.zarr", backbone="dinov2_q", splits=["train"], **TINY)  # this build, uninterrupted
+    np.testing.assert_array_equal(got[1], FeatureStore(tmp_path / "new.zarr").get("dinov2_q_last", "01", "train")
+                                  .read_sample(1))
+    # one float16 step relative (2**-10), plus 1e-6 absolute near zero, where the builds' float32 sums differ by more
+    # than a step of the tiny value (measured: CUDA vs CPU build of torch 2.14.1, 0.14% of elements, max 2.4e-4)
+    np.testing.assert_allclose(got[1].astype(np.float32), old[1].astype(np.float32), rtol=2**-10, atol=1e-6)
     # a codec asked for explicitly is a different configuration
     r = cli_here(capsys, "extract", "--data_dir", str(subj), "--output_dir", str(store), "--arch", "tiny",
                  "--weights", "random", "--device", "cpu", "--num_workers", "0", "--codec", "none")

@@ -2,7 +2,7 @@
 """featstore benchmark: ratios measured side by side in one run, each against the legacy way of doing the same thing.
 
     python tools/benchmark.py [--n 400] [--startup-n 2000] [--images 128] [--reps 2] [--json out.json] [--dir DIR]
-    python tools/benchmark.py --quick --json out.json        # smoke-test sizes, about a minute (8 fresh interpreters)
+    python tools/benchmark.py --quick --json out.json        # smoke-test sizes, about a minute (6 fresh interpreters)
 
 Rows (names are stable; the JSON is a list of rows with at least name, ratio, target and a boolean meets):
   write                       store writer (float16, fsync on) fed a ViT-B-sized float32 stream vs np.save + fsync
@@ -396,15 +396,14 @@ def child(mode: str, args: dict) -> dict:
 def start_early(ctx, groups: list[str]) -> None:
     """--quick only: the fresh-interpreter children whose inputs exist from the start run at once, beside the groups
     that run in this process (most of such a child is interpreter start-up, on one core). Full runs keep every
-    measurement on a quiet machine."""
+    measurement on a quiet machine. (--quick runs the extract row's child in this process: it measures nothing that
+    needs a fresh one, and an interpreter start costs more than the row.)"""
     ctx.early = {}
-    if not ctx.quick or not {"extract", "layers"} & set(groups):
+    if not ctx.quick or "layers" not in groups:
         return
     subj = ensure_subject(ctx)
-    log("--quick: starting the extract and layers-rss child processes now, beside the other groups")
-    ctx.early_pool = ThreadPoolExecutor(3)
-    if "extract" in groups:
-        ctx.early["extract"] = ctx.early_pool.submit(child, "extract", _extract_args(subj, ctx.dir / "extract.zarr"))
+    log("--quick: starting the layers-rss child processes now, beside the other groups")
+    ctx.early_pool = ThreadPoolExecutor(2)
     if "layers" in groups:
         for side in RSS_SIDES:
             ctx.early[f"rss-{side}"] = ctx.early_pool.submit(child, "extract-rss", _rss_args(ctx, subj, side))
@@ -555,9 +554,10 @@ def rows_extract(ctx) -> list[dict]:
     for r in range(reps):
         res = early(ctx, "extract") if r == 0 else None
         if res is None:
-            log(f"extract: forward only, then a full extract with the defaults, {n} images (rep {r + 1}/{reps})")
+            log(f"extract: forward only, then a full extract with the defaults, {n} images (rep {r + 1}/{reps})"
+                f"{' in this process (--quick)' if ctx.quick else ''}")
             shutil.rmtree(store, ignore_errors=True)
-            res = child("extract", _extract_args(subj, store))
+            res = (run_child if ctx.quick else child)("extract", _extract_args(subj, store))
         assert res["computed"] == n, res
         for k, v in res["forward"].items():
             fwd[int(k)] = min(fwd.get(int(k), np.inf), v)
@@ -925,25 +925,30 @@ def format_table(rows: list[dict], header: str) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=400, help="samples for the write, read and stats rows (default 400)")
     p.add_argument("--startup-n", type=int, default=2000, help="samples for the start-up rows (default 2000)")
     p.add_argument("--images", type=int, default=128,
                    help="images for the write-bytes, extract, resume and layers rows (default 128)")
     p.add_argument("--reps", type=int, default=2, help="repetitions; the best of each side is kept (default 2)")
-    p.add_argument("--quick", action="store_true", help="smoke-test sizes: --n 24 --startup-n 48 --images 32 --reps 1")
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes: --n 24 --startup-n 48 --images 24 --reps 1")
     p.add_argument("--only", default=None, help=f"comma-separated groups: {','.join(g for g, _, _ in GROUPS)}")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     p.add_argument("--dir", default=None, help="make the working folder in DIR (default: the system's temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the working folder instead of removing it at the end")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     ctx = p.parse_args(argv)
     if ctx.child:
         print(json.dumps(run_child(ctx.child[0], json.loads(ctx.child[1]))))
         return 0
     if ctx.quick:
-        ctx.n, ctx.startup_n, ctx.images, ctx.reps = 24, 48, 32, 1
+        ctx.n, ctx.startup_n, ctx.images, ctx.reps = 24, 48, 24, 1  # 24 images: 2 batches, the resume kill lands mid-run
     if min(ctx.n, ctx.startup_n, ctx.images, ctx.reps) < 1:
         p.error("--n, --startup-n, --images and --reps must be >= 1")
     groups = [g for g, _, _ in GROUPS] if ctx.only is None else ctx.only.split(",")

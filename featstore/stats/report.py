@@ -148,6 +148,12 @@ def plot_stats(r: dict[str, Any], path: str | Path) -> Path:
     """One figure: channel means/stds, the token-norm map, the histogram, and the PCA spectrum when computed.
     Returns the file written (`.png` is added to a name without an extension)."""
     path = require_plotting(path)
+    return _save_figure(stats_figure(r), path)
+
+
+def stats_figure(r: dict[str, Any]):
+    """The matplotlib Figure that `plot_stats` writes."""
+    require_plotting()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -159,10 +165,14 @@ def plot_stats(r: dict[str, Any], path: str | Path) -> Path:
     ax = axes[0]
     ch = np.arange(len(r["patch"]["mean"]))
     order = np.argsort(r["patch"]["mean"])
-    for part, color in (("patch", "C0"), ("cls", "C1")):
-        m, s = r[part]["mean"][order], r[part]["std"][order]
-        ax.plot(ch, m, color=color, lw=1, label=f"{part} mean")
-        ax.fill_between(ch, m - s, m + s, color=color, alpha=0.25, lw=0, label=f"{part} +-std")
+    parts = {part: (np.asarray(r[part]["mean"])[order], np.asarray(r[part]["std"])[order]) for part in ("patch", "cls")}
+    span = np.ptp(np.concatenate([np.r_[m - s, m + s] for m, s in parts.values()])) or 1.0
+    for (part, (m, s)), color in zip(parts.items(), ("C0", "C1")):
+        if 2 * s.max() >= 0.01 * span:
+            ax.plot(ch, m, color=color, lw=1, label=f"{part} mean")
+            ax.fill_between(ch, m - s, m + s, color=color, alpha=0.25, lw=0, label=f"{part} +-std")
+        else:  # a band under 1% of the panel's height would be an empty legend entry (e.g. a constant CLS token)
+            ax.plot(ch, m, color=color, lw=1, label=f"{part} mean (std <= {s.max():.2g}: too thin to draw)")
     ax.set(title="channel means +- std (sorted by patch mean)", xlabel="channel (sorted)", ylabel="value")
     ax.legend(fontsize="small")
 
@@ -192,7 +202,7 @@ def plot_stats(r: dict[str, Any], path: str | Path) -> Path:
         im = ax.imshow(ps if ps.ndim == 2 else ps[None, :], cmap="magma")
         fig.colorbar(im, ax=ax, shrink=0.8)
         ax.set(title=f"share of images with an outlier token here (norm > {_g(r['outliers']['threshold'])})")
-    return _save_figure(fig, path)
+    return fig
 
 
 def _save_figure(fig, path: Path) -> Path:
@@ -229,6 +239,12 @@ def plot_token_maps(image, features, stats: dict[str, Any], path: str | Path, ti
     """One row: the stimulus (a file name or an (h, w[, 3]) array), the token-norm map and the PCA-to-RGB image of
     its patch tokens (`features`: the (C, H, W) `FeatureDataset` item of that stimulus). Returns the file written."""
     path = require_plotting(path)
+    return _save_figure(token_maps_figure(image, features, stats, title), path)
+
+
+def token_maps_figure(image, features, stats: dict[str, Any], title: str | None = None):
+    """The matplotlib Figure that `plot_token_maps` writes."""
+    require_plotting()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -240,8 +256,9 @@ def plot_token_maps(image, features, stats: dict[str, Any], path: str | Path, ti
     fig = Figure(figsize=(12, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    if title:
-        fig.suptitle(title)
+    if title:  # bold and apart, so that it does not read as the first line of the middle panel's title
+        fig.suptitle(title, fontweight="bold")
+        fig.get_layout_engine().set(h_pad=0.15)
     axes[0].imshow(np.asarray(image))
     axes[0].set(title="stimulus")
     norms = token_norm_map(features)
@@ -252,4 +269,4 @@ def plot_token_maps(image, features, stats: dict[str, Any], path: str | Path, ti
     axes[2].set(title="patch tokens: top-3 PCA as RGB")
     for ax in axes:
         ax.set(xticks=[], yticks=[])
-    return _save_figure(fig, path)
+    return fig
