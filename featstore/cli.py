@@ -1,4 +1,5 @@
-"""`featstore <command>`: argument parsing over the Python API; no logic of its own.
+"""`featstore <command>`: argument parsing over the Python API (flags.py builds the extract flags from
+ExtractConfig); no logic of its own.
 
 User mistakes print one line (`featstore: error: ...`) and exit 2; data faults (a corrupt chunk, a full disk, a
 corrupt image) exit 1; interrupted extractions exit 130/143. Every flag answers to both spellings (--data_dir,
@@ -7,10 +8,8 @@ corrupt image) exit 1; interrupted extractions exit 130/143. Every flag answers 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -18,44 +17,19 @@ import time
 from pathlib import Path
 
 from .errors import FeatstoreError, Interrupted, Terminated
+from .flags import ArgumentParser, add_config_args, config_from_args
 
 log = logging.getLogger("featstore")
 
 
-def add_extract_args(p: ArgumentParser, guide_defaults: bool = True) -> None:
-    """The guide's flags (same names and defaults) plus featstore's own."""
-    from .backbones import list_backbones
-    from .storage import CODECS, DEFAULT_CODEC
+def add_extract_args(p: ArgumentParser) -> None:
+    """The guide's flags (same names and defaults, from ExtractConfig) plus what only the command line has."""
+    from .extraction import ExtractConfig
 
     p.add_argument("--data_dir", required=True, help="Algonauts subject folder, e.g. .../subj01")
     p.add_argument("--output_dir", required=True,
                    help="featstore Zarr store: a folder (created if missing) or a URL such as s3://bucket/store.zarr")
-    p.add_argument("--subj", default="01", help="subject id: 1, 01 or subj01 (default 01)")
-    p.add_argument("--backbone", default="dinov2_q",
-                   help=f"one of {', '.join(list_backbones())}, or variants sharing one model, e.g. dinov2_q,dinov2 "
-                        "(default dinov2_q)")
-    p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--device", default="cuda", help="cuda (falls back to cpu with a warning), cuda:N or cpu "
-                   "(default cuda; with --shard auto, cuda means cuda:LOCAL_RANK)")
-    p.add_argument("--enc_layer", default="-1", negative_numbers=True,
-                   help="block index, negative from the end; a list (-1,-4,6), a range (0:12) or all (default -1)")
-    p.add_argument("--weights", default="pretrained", help="pretrained (default), random, or a checkpoint PATH")
-    p.add_argument("--arch", default=None, help="override the architecture (timm/open_clip name, or 'tiny')")
-    p.add_argument("--image_size", type=int, default=None, help="resize DINOv2 input to this square size")
-    p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored dtype (default float16)")
-    p.add_argument("--chunk", type=int, default=1, help="samples per storage chunk (default 1)")
-    p.add_argument("--pack", type=int, default=1,
-                   help="chunks per stored object (Zarr sharding), for object storage (default 1: no packing)")
-    p.add_argument("--codec", default=None, choices=tuple(CODECS),
-                   help=f"chunk compression of new arrays, always followed by a crc32c checksum (default "
-                        f"{DEFAULT_CODEC}; an existing array resumes in its own codec unless this is given)")
-    p.add_argument("--num_workers", type=int, default=2, help="image decoding DataLoader workers (default 2)")
-    p.add_argument("--shard", default=None,
-                   help="K/N: fill only share K (0-based) of N, for parallel writers; auto: from SLURM/torchrun")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start an array over when its configuration changed (says what it discards)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --weights random (default 0)")
-    p.add_argument("--no_fsync", action="store_true", help="skip fsync before marking chunks done (faster, less safe)")
+    add_config_args(p, ExtractConfig)
     p.add_argument("--storage_options", default=None, metavar="JSON", help=STORAGE_HELP)
     p.add_argument("--dry_run", action="store_true", help="print the arrays, their shapes and the bytes they will "
                    "take, and exit")
@@ -95,16 +69,11 @@ def storage_options(text: str | None) -> dict | None:
 
 
 def run_extract(args: argparse.Namespace):
-    from .extraction import extract
+    from .extraction import ExtractConfig, extract
 
-    result = extract(
-        args.data_dir, args.output_dir, subj=args.subj, backbone=args.backbone,
-        batch_size=args.batch_size, device=args.device, enc_layer=args.enc_layer, weights=args.weights,
-        arch=args.arch, image_size=args.image_size, dtype=args.dtype, chunk=args.chunk, pack=args.pack,
-        codec=args.codec, num_workers=args.num_workers, shard=args.shard, overwrite=args.overwrite, seed=args.seed,
-        durable=not args.no_fsync, storage_options=storage_options(args.storage_options), dry_run=args.dry_run,
-        scheduler=getattr(args, "scheduler", None), workers=getattr(args, "workers", None),
-    )
+    cfg = config_from_args(ExtractConfig, args, storage_options=storage_options(args.storage_options))
+    result = extract(args.data_dir, args.output_dir, cfg, dry_run=args.dry_run, scheduler=args.scheduler,
+                     workers=args.workers)
     if result.planned:
         total = sum(p.estimated_bytes for p in result.planned)
         for p in result.planned:
@@ -238,113 +207,6 @@ Try it offline in about a minute: featstore demo. Every flag is also accepted wi
 'featstore COMMAND --help' lists a command's flags."""
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults shown where they say something (not None/False, not already in the help text); paragraphs of the
-    description re-wrapped, indented lines (examples) kept as written; flag aliases (--data-dir) left out."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings
-                or "default" in text.lower()):
-            return text
-        return text + " (default: %(default)s)"
-
-    def _fill_text(self, text, width, indent):
-        out = []
-        for para in text.split("\n\n"):
-            lines = para.splitlines()
-            if any(line.startswith(" ") for line in lines[1:]):  # a list of examples: keep as written
-                out.append("\n".join(indent + line for line in lines))
-            else:
-                out.append(super()._fill_text(para, width, indent))
-        return "\n\n".join(out)
-
-    def _format_action_invocation(self, action):
-        aliases = getattr(action, "featstore_aliases", ())
-        if not aliases:
-            return super()._format_action_invocation(action)
-        shown = copy.copy(action)
-        shown.option_strings = [s for s in action.option_strings if s not in aliases]
-        return super()._format_action_invocation(shown)
-
-
-def _add_with_twin(add, names, kw):
-    """add(*names, *twins, **kw), where the twin of --a_b is --a-b and vice versa: both spellings work, the one
-    given first is the documented one (and names the attribute)."""
-    twins = []
-    for n in names:
-        if n.startswith("--"):
-            for t in ("--" + n[2:].replace("-", "_"), "--" + n[2:].replace("_", "-")):
-                if t not in names and t not in twins:
-                    twins.append(t)
-    if not twins:
-        return add(*names, **kw)
-    if "dest" not in kw:
-        kw["dest"] = next(n for n in names if n.startswith("--"))[2:].replace("-", "_")
-    try:
-        action = add(*names, *twins, **kw)
-    except argparse.ArgumentError:  # a twin is taken by another flag: keep the spelling given
-        return add(*names, **kw)
-    action.featstore_aliases = tuple(twins)
-    return action
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """featstore's parser: every --flag_name also answers to --flag-name (and the reverse), defaults are shown in
-    --help, and a usage mistake is one line (`PROG: error: ...`, exit 2) instead of the usage block."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)
-        self.negative_number_options: set[str] = set()
-
-    def add_argument(self, *names, negative_numbers: bool = False, **kwargs):
-        """`negative_numbers`: the value may start with a negative number (`--enc_layer -1,-4,6`, `-4:`), which
-        argparse alone reads as an unknown flag unless it is a single number."""
-        action = _add_with_twin(super().add_argument, names, kwargs)
-        if negative_numbers:
-            self.negative_number_options.update(action.option_strings)
-        return action
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = sys.argv[1:] if args is None else list(args)
-        return super().parse_known_args(_join_negative_values(args, self.negative_number_options), namespace)
-
-    def add_argument_group(self, *args, **kwargs):
-        return _with_twins(super().add_argument_group(*args, **kwargs))
-
-    def add_mutually_exclusive_group(self, **kwargs):
-        return _with_twins(super().add_mutually_exclusive_group(**kwargs))
-
-    def error(self, message: str):
-        message = re.sub(r"(--[\w-]+)/(--[\w-]+)",  # "--data_dir/--data-dir" -> "--data_dir"
-                         lambda m: m[1] if m[1].replace("-", "_") == m[2].replace("-", "_") else m[0], message)
-        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see: {self.prog} --help)\n")
-
-
-def _join_negative_values(args: list[str], options: set[str]) -> list[str]:
-    """`--opt -1,-4,6` -> `--opt=-1,-4,6` for the options that take negative numbers (the spelling argparse itself
-    reads as one value); a flag after the option (`--opt --device`) is left alone, so a missing value stays an error."""
-    out, i = [], 0
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            return out + args[i:]
-        if a in options and i + 1 < len(args) and re.match(r"-[\d.,:]", args[i + 1]):
-            out.append(f"{a}={args[i + 1]}")
-            i += 2
-        else:
-            out.append(a)
-            i += 1
-    return out
-
-
-def _with_twins(group):
-    add = group.add_argument
-    group.add_argument = lambda *names, **kwargs: _add_with_twin(add, names, kwargs)
-    return group
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="featstore", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -427,7 +289,8 @@ def _others_from_warning(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or record.name.split(".")[0] == "featstore"
 
 
-def _on_sigterm(signum, frame):
+def on_sigterm(signum, frame):
+    """SIGTERM (scancel, kill) stops a run the way Ctrl-C does: in-flight writes settle, exit 143."""
     raise Terminated()
 
 
@@ -450,7 +313,7 @@ def run(func, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         args = build_parser().parse_args(argv)  # --help prints too
         return run(args.func, args)

@@ -109,6 +109,9 @@ def parser(prog: str):
     return module.build_parser()
 
 
+NEGATED = {"--no_fsync": "durable"}
+
+
 def parse(cmd: tuple[str, ...], capsys):
     args = [PLACEHOLDERS.get(a, a) for a in cmd[1:]]
     if "..." in args:
@@ -147,6 +150,9 @@ def test_readme_command_line_parses(cmd, capsys):
 def test_readme_flag_list_parses_and_gives_the_value(cmd, flag, value, capsys):
     """`--enc_layer -1,-4,6` (a value that starts with '-') is the value, not an unknown flag."""
     ns = parse((*cmd, flag) if value is None else (*cmd, flag, value), capsys)
+    if flag in NEGATED:  # a flag that turns a setting off: --no_fsync sets durable=False
+        assert getattr(ns, NEGATED[flag]) is False, (flag, ns)
+        return
     got = getattr(ns, flag[2:].replace("-", "_"))
     assert got is True if value is None else str(got) == PLACEHOLDERS.get(value, value), (flag, value, got)
 

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from featstore.cli import ArgumentParser, _on_sigterm, add_extract_args, run, run_extract, setup_logging
+from featstore.cli import ArgumentParser, add_extract_args, on_sigterm, run, run_extract, setup_logging
 from featstore.export import export_npy
 
 
@@ -50,5 +50,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     setup_logging()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     sys.exit(main())

@@ -32,19 +32,20 @@ class ExtractConfig:
 
     subj: str = flag("01", "subject id: 1, 01 or subj01")
     backbone: str | list[str] | Backbone = flag(
-        "dinov2_q", f"one of {', '.join(list_backbones())}, or variants sharing one model, e.g. dinov2_q,dinov2 "
-        "(in Python also a built Backbone)")
+        "dinov2_q", f"one of {', '.join(list_backbones())}, or variants sharing one model, e.g. dinov2_q,dinov2")
+    # (in Python also a built Backbone)
     batch_size: int = flag(16, "images per forward pass")
     device: str = flag("cuda", "cuda (falls back to cpu with a warning), cuda:N or cpu; with --shard auto, cuda "
                        "means cuda:LOCAL_RANK")
     enc_layer: int | str | list[int] = flag(
-        -1, "block index, negative from the end; a list (-1,-4,6), a range (0:12) or all", negative_numbers=True)
+        -1, "block index, negative from the end; a list (-1,-4,6), a range (0:12) or all", type=str,
+        negative_numbers=True)
     weights: str = flag("pretrained", "pretrained, random (seeded, recorded as such), or a checkpoint PATH")
     arch: str | None = flag(None, "override the architecture (a timm/open_clip name, or 'tiny' for smoke tests)")
     image_size: int | None = flag(None, "resize DINOv2 input to this square size (default: none, 425 -> padded 434)")
     dtype: str = flag("float16", "stored dtype", choices=("float16", "float32"))
     chunk: int = flag(1, "samples per storage chunk")
-    pack: int = flag(1, "chunks per stored object (Zarr sharding), for object storage (1: no packing)")
+    pack: int = flag(1, "chunks per stored object (Zarr sharding), for object storage; 1: no packing")
     codec: str | None = flag(None, f"chunk compression of new arrays, always followed by a crc32c checksum (default "
                              f"{DEFAULT_CODEC}; an existing array resumes in its own codec unless this is given)",
                              choices=tuple(CODECS))
