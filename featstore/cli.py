@@ -181,6 +181,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .encoding.sweep import sweep
+
+    result = sweep(
+        args.store, args.data_dir, args.output_dir, features=args.features, subj=args.subj, dims=args.dims,
+        seed=args.seed, backend=args.backend, dtype=args.dtype, cache=not args.no_cache, plots=not args.no_plots,
+        progress=True, storage_options=storage_options(args.storage_options), scheduler=args.scheduler,
+        workers=args.workers,
+    )
+    print(result.table)
+    print(f"results: {result.output_dir / 'sweep.json'} (per-vertex r and alphas: r/, alpha/"
+          + ("; figures: heatmap.png, r_by_feature.png)" if any(f.suffix == ".png" for f in result.files) else ")"))
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import make_sample_subject
 
@@ -363,6 +378,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw the statistics into one figure (.png added when the name has no extension)")
     p.add_argument("--no_save", action="store_true",
                    help="only print the statistics; do not save them into the store (needed for a read-only store)")
+
+    p = command("sweep", "which stored layer predicts which brain area: project every complete train array (streamed, "
+                "cached in the store), fit a ridge per layer to all vertices, score r per vertex and ROI", cmd_sweep)
+    p.add_argument("store", help="the featstore Zarr store (a folder or a URL such as s3://bucket/store.zarr)")
+    p.add_argument("--storage_options", default=None, metavar="JSON", help=STORAGE_HELP)
+    p.add_argument("--data_dir", required=True, help="Algonauts subject folder with fMRI and ROI masks, e.g. .../subj01")
+    p.add_argument("--output_dir", required=True, help="folder for sweep.json, r/, alpha/ and the figures (created)")
+    p.add_argument("--features", default=None, metavar="F1,F2,...",
+                   help="features to sweep, names or patterns such as 'dinov2_q_layer*' (default: every feature "
+                        "whose train array of the subject is complete)")
+    p.add_argument("--subj", default=None, help="subject id (default: from the --data_dir folder name, subjXX)")
+    p.add_argument("--dims", type=int, default=1024, metavar="K", help="projected dimensions per layer")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random projection")
+    p.add_argument("--backend", default="numpy", choices=("numpy", "torch", "torch_cuda"),
+                   help="himalaya backend of the ridge fits")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="precision of the fits")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="project on a running dask.distributed scheduler (default: threads of this process)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="project on a local dask cluster of N worker processes")
+    p.add_argument("--no_cache", action="store_true",
+                   help="do not store the projections in the store (needed for a read-only store)")
+    p.add_argument("--no_plots", action="store_true", help="skip the figures")
 
     p = command("sample", "write a synthetic subject ROOT/subjXX in the Algonauts layout (images, fMRI, ROI "
                 "masks), to try featstore without the data", cmd_sample)

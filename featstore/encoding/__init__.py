@@ -3,10 +3,16 @@
 ROI masks -> readout (rois.py) -> models (models.py) -> training loop (train.py) -> scores and files (metrics.py).
 Features are read only through `featstore.FeatureDataset`; nothing here knows how the store is laid out. Names load
 on first use, so the command line can check its flags without importing torch.
+
+`sweep` (sweep.py: which stored layer predicts which ROI, a ridge per layer) is imported at once: the function shares
+its module's name, and importing the module later would otherwise leave `featstore.encoding.sweep` naming the module.
+sweep.py imports numpy only at load (not torch, zarr or himalaya).
 """
 from __future__ import annotations
 
 from importlib import import_module
+
+from .sweep import SweepConfig, SweepResult, project_tokens, sweep
 
 _LAZY = {
     "ENCODER_ARCHS": "names",
@@ -37,7 +43,7 @@ _LAZY = {
     "train_one_epoch": "train",
 }
 
-__all__ = list(_LAZY)
+__all__ = [*_LAZY, "SweepConfig", "SweepResult", "project_tokens", "sweep"]  # noqa: PLE0604
 
 
 def __getattr__(name: str):
