@@ -217,7 +217,37 @@ def test_r_matches_direct_himalaya_fit_and_numpy_ridge(planted, planted_runs):
     r_ref, a_ref = ridge_cv_reference(X.astype(np.float64), Y, train, val, ALPHAS)
     got64 = planted_runs["float64"]
     np.testing.assert_allclose(np.concatenate([got64.r["local"][h] for h in ("lh", "rh")]), r_ref, atol=1e-6)
-    np.testing.assert_allclose(np.concatenate([got64.alphas["local"][h] for h in ("lh", "rh")]), a_ref, rtol=1e-12)
+    np.testing.assert_array_equal(np.concatenate([got64.alphas["local"][h] for h in ("lh", "rh")]), a_ref)
+
+
+def test_torch_backend_agrees_with_numpy(small, tmp_path):
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny fits: a second intra-op thread only waits on a shared 2-core machine
+    try:
+        ref = sweep(small["store"], small["subj"], tmp_path / "n", **FAST)
+        res = sweep(small["store"], small["subj"], tmp_path / "t", backend="torch", **FAST)
+    finally:
+        torch.set_num_threads(threads)
+    for f in res.r:
+        for h in ("lh", "rh"):
+            np.testing.assert_allclose(res.r[f][h], ref.r[f][h], atol=1e-3)  # float32, another BLAS
+    from himalaya.backend import get_backend
+
+    assert get_backend().name == "numpy"  # himalaya's process-wide backend is restored
+
+
+def test_cli_absent_backend_is_one_line(planted, tmp_path):
+    """A real process: under pytest, himalaya's torch_cuda module skips the test instead of raising."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    r = run_cli("sweep", str(planted["store"]), "--data_dir", str(planted["subj"]), "--output_dir", str(tmp_path / "c"),
+                "--backend", "torch_cuda", timeout=120)
+    assert r.returncode == 2
+    assert r.stderr == ("featstore: error: --backend torch_cuda: not available here (RuntimeError: PyTorch with CUDA is "
+                        "not available.)\n")
+    assert not (tmp_path / "c").exists()  # refused before any work
 
 
 def _fp(planted, feature):

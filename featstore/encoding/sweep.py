@@ -82,6 +82,8 @@ class SweepConfig:
         for name in ("dims", "task_mb"):
             if not getattr(self, name) > 0:
                 raise BadArgumentError(f"--{name} {getattr(self, name)}: must be positive")
+        if int(self.seed) < 0:
+            raise BadArgumentError(f"--seed {self.seed}: must be >= 0")
         if self.backend not in BACKENDS:
             raise BadArgumentError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.dtype not in ("float32", "float64"):
@@ -96,7 +98,8 @@ class SweepConfig:
         if features is not None and not features:
             raise BadArgumentError("--features: give at least one feature name")
         subj = normalize_subj(self.subj) if self.subj is not None else None
-        return replace(self, features=features, subj=subj, dims=int(self.dims), cv=int(self.cv), alphas=alphas)
+        return replace(self, features=features, subj=subj, dims=int(self.dims), seed=int(self.seed), cv=int(self.cv),
+                       alphas=alphas)
 
 
 @dataclass
@@ -125,7 +128,8 @@ def _kernel():
         return rng.integers(0, dims, size=token_block), rng.integers(0, 2, size=(token_block, C), dtype=np.int32) * flip
 
     def project(block, seed, dims, token_block):
-        """(n, T, C) float16/float32 -> (n, dims) float32."""
+        """(n, T, C) float16/float32 -> (n, dims) float32. (float16 inf/NaN, which extraction never stores, would come
+        out finite.)"""
         x = np.asarray(block)
         n, T, C = x.shape
         y = np.zeros((n, dims + C), np.float32)  # outputs dims.. are folded back at the end (the cyclic wrap)
@@ -198,7 +202,7 @@ def _project_array(fa: FeatureArray, cfg: SweepConfig, client, bar) -> np.ndarra
     return np.concatenate(blocks, axis=0)
 
 
-def n_tasks(fa: FeatureArray, task_mb: float) -> int:
+def _n_tasks(fa: FeatureArray, task_mb: float) -> int:
     from ..stats import _task_rows
 
     return -(-fa.shape[0] // _task_rows(fa, fa.dtype.itemsize, task_mb))
@@ -206,6 +210,8 @@ def n_tasks(fa: FeatureArray, task_mb: float) -> int:
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
 def _natural(name: str) -> list:
+    """Sort key: numbers as numbers, and a variant's `_last` block after its `_layerK` ones (layer order)."""
+    name = re.sub(r"_last$", "_layer999999", name)
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
@@ -332,7 +338,9 @@ def fit_and_score(X: np.ndarray, Y: np.ndarray, train: np.ndarray, val: np.ndarr
         warnings.simplefilter("ignore", UserWarning)  # himalaya: "n_samples < n_features" on tiny subjects
         model.fit(Xs[train], Y[train].astype(dt, copy=False))
         pred = backend.to_numpy(model.predict(Xs[val]))
-    return pearson_r(pred, Y[val]), np.asarray(backend.to_numpy(model.best_alphas_), dtype=np.float64)
+    chosen = np.log(np.asarray(backend.to_numpy(model.best_alphas_), dtype=np.float64))
+    grid = np.asarray(cfg.alphas, dtype=np.float64)  # the grid's own values, not their float32 round trip
+    return pearson_r(pred, Y[val]), grid[np.abs(chosen[:, None] - np.log(grid)[None, :]).argmin(axis=1)]
 
 
 # ---- the sweep ----------------------------------------------------------------------------------------------------
@@ -395,15 +403,17 @@ def sweep(
              len(todo), gb)
     if todo:
         with _scheduler(scheduler, workers) as client, tqdm(
-            total=sum(n_tasks(fa, cfg.task_mb) for fa in todo), desc="project", unit="task",
+            total=sum(_n_tasks(fa, cfg.task_mb) for fa in todo), desc="project", unit="task",
             disable=None if cfg.progress else True,
         ) as bar:
             for fa in todo:
                 t0 = time.perf_counter()
                 y = _project_array(fa, cfg, client, bar)
-                if not np.isfinite(y).all():
-                    raise StoreError(f"{fa.path}: the projection is not finite (the array holds inf or NaN values); "
+                if not np.isfinite(y).all():  # a data fault (exit 1), not a user mistake
+                    err = StoreError(f"{fa.path}: the projection is not finite (the array holds inf or NaN values); "
                                      f"check it with `featstore stats {fs.location} --feature {fa.feature}`")
+                    err.exit_code = 1
+                    raise err
                 if cfg.cache:
                     fs.save_derived(_cache_key(fa, cfg), y, _fingerprint(fa, cfg))
                 projections[fa.feature] = y

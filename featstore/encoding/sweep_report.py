@@ -71,7 +71,7 @@ def summarize_sweep(r: dict, alphas: dict, rois: SubjectRois, info: dict, meta: 
             **{k: info[feat][k] for k in ("array", "shape")},
             "mean_r": {**{h: _mean(per_hemi[h]) for h in HEMIS}, "all": _mean(both)},
             "roi_mean_r": roi_r,
-            "alphas": {"grid": grid.tolist(), "vertices_per_alpha": [int(np.isclose(a, g, rtol=1e-5).sum()) for g in grid],
+            "alphas": {"grid": grid.tolist(), "vertices_per_alpha": [int((a == g).sum()) for g in grid],
                        "median": float(np.median(a))},
             "projection": {"cached": info[feat]["cached"], "seconds": round(info[feat]["seconds"], 3)},
             "fit_seconds": round(info[feat]["fit_seconds"], 3),
@@ -155,7 +155,7 @@ def _figure(size):
 
 
 def plot_heatmap(summary: dict, path: str | Path) -> Path:
-    """Feature (rows) x ROI (columns, grouped by class) mean validation r; the best feature of each ROI is boxed."""
+    """Feature (rows) x ROI (columns, grouped by class) mean validation r; a dot marks each ROI's best feature."""
     feats, rois, m = _matrix(summary)
     fig = _figure((max(6.0, 0.32 * len(rois) + 3), max(3.0, 0.3 * len(feats) + 2)))
     ax = fig.subplots()
@@ -165,24 +165,19 @@ def plot_heatmap(summary: dict, path: str | Path) -> Path:
     fig.colorbar(im, ax=ax, shrink=0.8, label="mean validation r")
     ax.set_xticks(range(len(rois)), [r["name"] for r in rois], rotation=70, ha="right", fontsize=7)
     ax.set_yticks(range(len(feats)), feats, fontsize=7)
-    for j in range(len(rois)):
-        if np.isfinite(m[:, j]).any():
-            i = int(np.nanargmax(m[:, j]))
-            ax.add_patch(_box(j, i))
+    best = [(j, int(np.nanargmax(m[:, j]))) for j in range(len(rois)) if np.isfinite(m[:, j]).any()]
+    if best:
+        ax.scatter(*zip(*best), s=18, c="k", edgecolors="w", linewidths=0.8, zorder=3)
     classes = [r["class"] for r in rois]
-    for j in range(1, len(rois)):
-        if classes[j] != classes[j - 1]:
-            ax.axvline(j - 0.5, color="k", lw=0.8)
-    ax.set_title(f"which feature predicts which ROI (subject {summary['subj']}, dims {summary['dims']}); "
-                 "boxed: best per ROI", fontsize=9)
+    starts = [j for j in range(len(rois)) if j == 0 or classes[j] != classes[j - 1]]
+    for a, b in zip(starts, starts[1:] + [len(rois)]):
+        if a:
+            ax.axvline(a - 0.5, color="k", lw=1.5)
+        ax.text((a + b - 1) / 2, -0.6, classes[a], ha="center", va="bottom", fontsize=7)
+    fig.suptitle(f"which feature predicts which ROI (subject {summary['subj']}, dims {summary['dims']}); "
+                 "dot: best feature of the ROI", fontsize=9)
     fig.savefig(path, dpi=100)
     return Path(path)
-
-
-def _box(j: int, i: int):
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="k", lw=1.2)
 
 
 def plot_by_feature(summary: dict, path: str | Path) -> Path:
