@@ -158,6 +158,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .encoding.layerwise import SweepConfig, sweep
+
+    cfg = config_from_args(SweepConfig, args, progress=True, storage_options=storage_options(args.storage_options))
+    result = sweep(args.store, args.data_dir, args.output_dir, cfg, scheduler=args.scheduler, workers=args.workers)
+    print(result.table)
+    print(f"results: {result.output_dir / 'sweep.json'} (per-vertex r and alphas: r/, alpha/"
+          + ("; figures: heatmap.png, r_by_feature.png)" if any(f.suffix == ".png" for f in result.files) else ")"))
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .sample import make_sample_subject
 
@@ -260,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also draw the statistics into one figure (.png added when the name has no extension)")
     p.add_argument("--no_save", action="store_true",
                    help="only print the statistics; do not save them into the store (needed for a read-only store)")
+
+    p = command("sweep", "which stored layer predicts which brain area: project every complete train array (streamed, "
+                "cached in the store), fit a ridge per layer to all vertices, score r per vertex and ROI", cmd_sweep)
+    p.add_argument("store", help="the featstore Zarr store (a folder or a URL such as s3://bucket/store.zarr)")
+    p.add_argument("--storage_options", default=None, metavar="JSON", help=STORAGE_HELP)
+    p.add_argument("--data_dir", required=True, help="Algonauts subject folder with fMRI and ROI masks, e.g. .../subj01")
+    p.add_argument("--output_dir", required=True, help="folder for sweep.json, r/, alpha/ and the figures (created)")
+    from .encoding.layerwise import SweepConfig
+
+    add_config_args(p, SweepConfig)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="project on a running dask.distributed scheduler (default: threads of this process)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="project on a local dask cluster of N worker processes")
 
     p = command("sample", "write a synthetic subject ROOT/subjXX in the Algonauts layout (images, fMRI, ROI "
                 "masks), to try featstore without the data", cmd_sample)

@@ -13,6 +13,12 @@ from typing import Any
 WIDTH = 100
 
 
+def flag(default: Any, help: str, **extra: Any) -> Any:
+    """A configuration field that is also a command-line flag: `help` is its --help text; `extra` goes to
+    argparse (choices, metavar, type) or names the flag differently (`flag="no_fsync"`, `negate=True`)."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """An argparse parser whose flags answer to `-` for `_` (the hyphenated spelling is rewritten before parsing:
     featstore's flags are all spelled with underscores), whose help shows each flag's default, and whose usage

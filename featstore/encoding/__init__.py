@@ -1,8 +1,11 @@
-"""The reference consumers of a feature store: brain encoders trained on stored features (issue 9).
+"""The reference consumers of a feature store: brain encoders trained on stored features .
 
 ROI masks -> readout (rois.py) -> models (models.py) -> training loop (train.py) -> scores and files (metrics.py).
 Features are read only through `featstore.FeatureDataset`; nothing here knows how the store is laid out. Names load
 on first use, so the command line can check its flags without importing torch.
+
+The layer sweep: which stored layer predicts which ROI. projection.py (the streamed, cached projection of each
+layer) -> ridge.py (himalaya's RidgeCV per layer) -> layerwise.py (`sweep`) -> sweep_report.py (files, figures).
 """
 from __future__ import annotations
 
@@ -35,9 +38,13 @@ _LAZY = {
     "resolve_device": "train",
     "train_encoder": "train",
     "train_one_epoch": "train",
+    "SweepConfig": "layerwise",
+    "SweepResult": "layerwise",
+    "sweep": "layerwise",
+    "project_tokens": "projection",
 }
 
-__all__ = list(_LAZY)
+__all__ = [*_LAZY]  # noqa: PLE0604
 
 
 def __getattr__(name: str):

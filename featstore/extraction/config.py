@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ..backbones import check_layer_spec, check_weights_arg, get_backbone, list_backbones, parse_backbones
 from ..errors import BadArgumentError
+from ..flags import flag
 from ..layout import normalize_subj
 from ..storage import CODECS, DEFAULT_CODEC, compressors
 
@@ -17,12 +18,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DTYPES = ("float16", "float32")
-
-
-def flag(default: Any, help: str, **extra: Any) -> Any:
-    """A configuration field that is also a command-line flag: `help` is its --help text; `extra` goes to
-    argparse (choices, metavar, type) or names the flag differently (`flag="no_fsync"`, `negate=True`)."""
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass

@@ -112,17 +112,4 @@ def kernels():
         out -= mean
         return out
 
-    def read_rows(z, index, unit, tag):
-        """dask's getter: the rows of one task, one storage unit per zarr read, so a unit that fails to decode is
-        named (ValueError starting with `tag` + its index) and no sibling reads are left pending inside zarr."""
-        rows, rest = index[0], tuple(index[1:])
-        start, stop = rows.start or 0, z.shape[0] if rows.stop is None else rows.stop
-        parts = []
-        for u0 in range(start - start % unit, stop, unit):
-            try:
-                parts.append(z[(slice(max(start, u0), min(stop, u0 + unit)), *rest)])
-            except (ValueError, RuntimeError) as e:  # codec errors: checksum mismatch, undecodable bytes
-                raise ValueError(f"{tag}{u0 // unit}: {e}") from None
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    return block_stats, merge, centre, read_rows
+    return block_stats, merge, centre

@@ -29,8 +29,6 @@ per-block kernels are shipped by value, so workers need numpy, dask and zarr, no
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import time
 import uuid
 from pathlib import Path
@@ -39,11 +37,10 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-from dask.callbacks import Callback
 
 from .. import _dask
 from ..config import config
-from ..errors import BadArgumentError, CorruptChunkError
+from ..errors import BadArgumentError
 from ..storage import FeatureArray, FeatureStore
 from .kernels import SLICE_TOKENS, kernels
 from .persist import HIST_QUANTILES, open_for_saving, save_stats
@@ -57,30 +54,11 @@ _MAD_TO_SIGMA = 1.4826  # MAD of a Gaussian times this is its sigma
 
 
 # ---- the pass ---------------------------------------------------------------------------------------------------
-def _task_rows(fa: FeatureArray, bytes_per_value: int, task_mb: float) -> int:
-    """Rows per dask task: a whole multiple of the storage chunk, about task_mb of decoded data."""
-    per_row = fa.shape[1] * fa.shape[2] * bytes_per_value
-    k = max(1, int(task_mb * 1e6 // (per_row * fa.chunk_len)))
-    return min(k * fa.chunk_len, max(fa.shape[0], 1))
-
-
-class _TaskProgress(Callback):
-    """tqdm bar over the block tasks of the local schedulers."""
-
-    def __init__(self, bar, prefix: str):
-        super().__init__()
-        self.bar, self.prefix = bar, prefix
-
-    def _posttask(self, key, result, dsk, state, worker_id):
-        if isinstance(key, str) and key.startswith(self.prefix):
-            self.bar.update(1)
-
-
 def _one_pass(x: da.Array, cls_index: int, shift_patch, shift_cls, hist_every: int, client, progress: bool, desc: str):
     """The single pass: per-block partials, an 8-ary tree merge, and the per-block norms, computed together."""
     from .._progress import tqdm
 
-    block_stats, merge, _, _ = kernels()
+    block_stats, merge, _ = kernels()
     prefix = f"featstats-{uuid.uuid4().hex[:8]}-block-"
     sp, sc = dask.delayed(shift_patch), dask.delayed(shift_cls)
     starts = np.cumsum((0,) + x.chunks[0][:-1])
@@ -95,16 +73,7 @@ def _one_pass(x: da.Array, cls_index: int, shift_patch, shift_cls, hist_every: i
         level = [dask.delayed(merge, pure=False)(*level[j : j + 8]) for j in range(0, len(level), 8)]
     norms = [p[1] for p in parts]
     with tqdm(total=len(parts), desc=desc, unit="task", disable=None if progress else True) as bar:
-        if client is None:
-            with _TaskProgress(bar, prefix):
-                total, blocks = dask.compute(level[0], norms)
-        else:
-            import distributed
-
-            futures = client.compute([level[0], *norms])
-            for _ in distributed.as_completed(futures[1:], loop=client.loop):
-                bar.update(1)
-            total, *blocks = client.gather(futures)
+        total, *blocks = _dask.compute([level[0], *norms], client, bar, prefix)
     return total, np.concatenate(blocks, axis=0)
 
 
@@ -185,7 +154,7 @@ def _pca(fa: FeatureArray, k: int, mean: np.ndarray, total_var: float, task_mb: 
     """Top-k principal axes of the centred patch tokens; explained variance with the population convention (/M)."""
     N, T, C = fa.shape
     ci = fa.cls_index
-    x = _dask_array(fa, _task_rows(fa, 8, task_mb))
+    x = _dask.blocks_of(fa, _dask.task_rows(fa, 8, task_mb))
     if ci == 0:
         p = x[:, 1:, :]
     elif ci == T - 1:
@@ -193,7 +162,7 @@ def _pca(fa: FeatureArray, k: int, mean: np.ndarray, total_var: float, task_mb: 
     else:
         p = da.concatenate([x[:, :ci], x[:, ci + 1 :]], axis=1).rechunk({1: -1})
     m = p.reshape(N * (T - 1), C)
-    _, _, centre, _ = kernels()
+    _, _, centre = kernels()
     xc = m.map_blocks(centre, mean=mean, dtype=np.float64)
     _, s, v = da.linalg.svd_compressed(
         xc, k, n_power_iter=power_iter, n_oversamples=PCA_OVERSAMPLES, seed=0, compute=True
@@ -207,34 +176,6 @@ def _pca(fa: FeatureArray, k: int, mean: np.ndarray, total_var: float, task_mb: 
         "singular_values": np.asarray(s, dtype=np.float64),
         "n_power_iter": power_iter,
     }
-
-
-_CORRUPT_TAG = "featstore-corrupt-unit "
-
-
-def _dask_array(fa: FeatureArray, rows: int) -> da.Array:
-    """The stored array as dask blocks of `rows` (whole storage units), read by `read_rows` (zarr + numpy only)."""
-    read_rows = functools.partial(kernels()[3], unit=fa.chunk_len, tag=_CORRUPT_TAG)
-    name = f"featstore-read-{fa.path.replace('/', '-')}-{fa.uid or 'v0'}-{rows}"
-    return da.from_array(fa.zarr, chunks=(rows, *fa.shape[1:]), name=name, getitem=read_rows, asarray=False)
-
-
-@contextlib.contextmanager
-def _corrupt_chunks_named(fa: FeatureArray):
-    """A unit that failed to decode inside a dask task becomes the store's one-line CorruptChunkError: re-reading
-    that one unit here raises it with the array, the chunk and the repair command."""
-    try:
-        yield
-    except ValueError as e:
-        text = str(e)
-        if not text.startswith(_CORRUPT_TAG):
-            raise
-        unit = int(text[len(_CORRUPT_TAG):].split(":", 1)[0])
-        fa.read(*fa.chunk_range(unit))  # raises CorruptChunkError
-        raise CorruptChunkError(  # the unit read back fine here (a transient fault): still one line
-            f"{fa.path}: {fa.unit} {unit} failed to decode ({text.split(': ', 1)[-1].splitlines()[0]}); "
-            f"run `featstore verify {fa.store.location}`"
-        ) from None
 
 
 def feature_stats(
@@ -284,9 +225,9 @@ def feature_stats(
         shift_patch = np.nan_to_num(first[patch].mean(axis=0).astype(fa.dtype).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     shift_cls = np.nan_to_num(first[ci], nan=0.0, posinf=0.0, neginf=0.0)
 
-    rows = _task_rows(fa, fa.dtype.itemsize, task_mb)
-    x = _dask_array(fa, rows)
-    with _dask.client(scheduler, workers) as client, _corrupt_chunks_named(fa):
+    rows = _dask.task_rows(fa, fa.dtype.itemsize, task_mb)
+    x = _dask.blocks_of(fa, rows)
+    with _dask.client(scheduler, workers) as client, _dask.corrupt_chunks_named(fa):
         t1 = time.perf_counter()
         total, norms = _one_pass(x, ci, shift_patch, shift_cls, hist_every, client, progress, f"stats {fa.path}")
         pass_s = time.perf_counter() - t1

@@ -244,6 +244,24 @@ class FeatureStore:
         out["attrs"] = attrs
         return out
 
+    # ---- derived arrays (the encoding sweep's projections) -------------------------------------------------------
+    def save_derived(self, key: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
+        """Store a small derived array at `key` (outside the feature arrays, e.g. `_sweep/...`), replacing what was
+        there. The attributes go last: an interrupted write leaves an array that `load_derived` treats as absent."""
+        _zarr_compat.run(self.zstore.delete_dir(key))
+        arr = zarr.create_array(self.zstore, name=key, data=np.asarray(data), compressors=None)
+        arr.attrs[ATTR_KEY] = jsonable(attrs)
+
+    def load_derived(self, key: str, attrs: dict[str, Any]) -> np.ndarray | None:
+        """The array saved at `key` if its attributes equal `attrs` (its fingerprint), else None."""
+        try:
+            arr = zarr.open_array(self.zstore, path=key, mode="r")
+        except Exception:  # noqa: BLE001 - absent (or half-written: no metadata)
+            return None
+        if arr.attrs.get(ATTR_KEY) != jsonable(attrs):
+            return None
+        return arr[...]
+
 
 def open_group(store: zarr.abc.store.Store, path: str) -> zarr.Group:
     """open_group(mode="a"), tolerating a concurrent process that created the group a moment earlier."""
