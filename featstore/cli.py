@@ -144,14 +144,14 @@ def _ranges(ix: list[int]) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from .stats.config import StatsConfig
     from .stats.reduce import feature_stats
     from .stats.report import format_stats, plot_stats, require_plotting
 
     plot = require_plotting(args.plot) if args.plot else None  # a bad --plot fails before the pass, not after it
-    result = feature_stats(
-        _open_store(args), args.feature, args.subj, args.split, pca=args.pca, scheduler=args.scheduler,
-        workers=args.workers, save=not args.no_save, progress=True,
-    )
+    cfg = config_from_args(StatsConfig, args, progress=True)
+    result = feature_stats(_open_store(args), args.feature, args.subj, args.split, cfg, scheduler=args.scheduler,
+                           workers=args.workers)
     print(format_stats(result))
     if plot:
         print(f"plot: {plot_stats(result, plot)}")
@@ -159,7 +159,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .encoding.layerwise import SweepConfig, sweep
+    from .encoding.layerwise import sweep
+    from .encoding.sweep_config import SweepConfig
 
     cfg = config_from_args(SweepConfig, args, progress=True, storage_options=storage_options(args.storage_options))
     result = sweep(args.store, args.data_dir, args.output_dir, cfg, scheduler=args.scheduler, workers=args.workers)
@@ -260,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", required=True, help="feature name, e.g. dinov2_q_last (see: featstore info)")
     p.add_argument("--subj", default="01", help="subject id")
     p.add_argument("--split", default="train", help="train or synt")
-    p.add_argument("--pca", type=int, default=0, metavar="K",
-                   help="also the top-K principal components of the patch tokens (0: none)")
+    from .stats.config import StatsConfig
+
+    add_config_args(p, StatsConfig)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="run on a running dask.distributed scheduler (default: threads of this process)")
@@ -269,8 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a local dask cluster of N worker processes for this run")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="also draw the statistics into one figure (.png added when the name has no extension)")
-    p.add_argument("--no_save", action="store_true",
-                   help="only print the statistics; do not save them into the store (needed for a read-only store)")
 
     p = command("sweep", "which stored layer predicts which brain area: project every complete train array (streamed, "
                 "cached in the store), fit a ridge per layer to all vertices, score r per vertex and ROI", cmd_sweep)
@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage_options", default=None, metavar="JSON", help=STORAGE_HELP)
     p.add_argument("--data_dir", required=True, help="Algonauts subject folder with fMRI and ROI masks, e.g. .../subj01")
     p.add_argument("--output_dir", required=True, help="folder for sweep.json, r/, alpha/ and the figures (created)")
-    from .encoding.layerwise import SweepConfig
+    from .encoding.sweep_config import SweepConfig
 
     add_config_args(p, SweepConfig)
     g = p.add_mutually_exclusive_group()

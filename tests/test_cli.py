@@ -232,13 +232,13 @@ def test_every_argument_has_help_and_defaults_and_both_spellings(name, capsys):
         assert len(entry.split()) >= 4, f"featstore {name} {flag}: no help text"  # flag, metavar, a few words
         assert flag == flag.replace("-", "_").replace("__", "--", 1), f"featstore {name} {flag}: shown hyphenated"
     for flag, dest, value in (("--n-train", "n_train", "2"), ("--batch-size", "batch_size", "3"),
-                              ("--output-dir", "output_dir", "O"), ("--no-save", "no_save", None)):
-        cmd = {"n_train": "sample", "batch_size": "extract", "output_dir": "export-npy", "no_save": "stats"}[dest]
+                              ("--output-dir", "output_dir", "O"), ("--no-save", "save", "False")):
+        cmd = {"n_train": "sample", "batch_size": "extract", "output_dir": "export-npy", "save": "stats"}[dest]
         base = {"sample": ["R"], "extract": ["--data_dir", "D", "--output_dir", "O"],
                 "export-npy": ["--store", "S"], "stats": ["S", "--feature", "f"]}[cmd]
         if cmd != name:
             continue
-        ns = build_parser().parse_args([cmd, *base, flag, *([value] if value else [])])
+        ns = build_parser().parse_args([cmd, *base, flag, *([value] if value not in (None, "False") else [])])
         assert str(getattr(ns, dest)) == (value or "True"), (flag, ns)
     if name == "sample":
         assert "--n_train" in text and "--n-train" not in text and "(default: 16)" in text

@@ -45,14 +45,14 @@ def _stats_of(tmp_path, cls_varies: bool) -> dict:
     """feature_stats of a small real array whose CLS token is constant across images (as the tiny random backbone's
     is) or not."""
     from featstore.stats import feature_stats
-    from featstore.storage import FeatureStore
+    from featstore.storage import ArraySpec, FeatureStore
 
     rng = np.random.default_rng(0)
     N, grid, C = 8, (4, 4), 6
     x = rng.standard_normal((N, 1 + grid[0] * grid[1], C)).astype("float32")
     x[:, 0] = x[0, 0] + (rng.standard_normal((N, C)) if cls_varies else 0)
     fs = FeatureStore(tmp_path / f"s{cls_varies}.zarr", "a")
-    fa, _ = fs.prepare("f", "01", "train", shape=x.shape, chunk=1, dtype="float32", fingerprint={},
+    fa, _ = fs.prepare("f", "01", "train", ArraySpec(x.shape, 1, "float32"), fingerprint={},
                        meta={"token_layout": {"cls_index": 0, "grid": list(grid), "n_tokens": x.shape[1]},
                              "image_names": [f"img{i}.png" for i in range(N)]})
     fa.write_chunks(0, x, durable=False)

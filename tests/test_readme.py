@@ -109,7 +109,7 @@ def parser(prog: str):
     return module.build_parser()
 
 
-NEGATED = {"--no_fsync": "durable", "--no_cache": "cache", "--no_plots": "plots"}
+NEGATED = {"--no_fsync": "durable", "--no_cache": "cache", "--no_plots": "plots", "--no_save": "save"}
 
 
 def parse(cmd: tuple[str, ...], capsys):

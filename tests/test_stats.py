@@ -260,8 +260,10 @@ def test_incomplete_array_is_refused_with_one_line(tmp_path, capsys):
 def test_bad_arguments(tmp_path, capsys):
     rng = np.random.default_rng(8)
     make_array(tmp_path / "s.zarr", "feat", synthetic(rng, 2, (2, 2), 4, "float32"), grid=(2, 2))
-    with pytest.raises(BadArgumentError, match="--pca 5"):
+    with pytest.raises(BadArgumentError, match="^pca 5: must be between 0 and 4$"):  # the library names its argument
         feature_stats(tmp_path / "s.zarr", "feat", "01", "train", pca=5)
+    assert main(["stats", str(tmp_path / "s.zarr"), "--feature", "feat", "--pca", "5", "--no_save"]) == 2
+    assert "featstore: error: --pca 5: must be between 0 and 4" in capsys.readouterr().err  # the CLI its flag
     with pytest.raises(BadArgumentError, match="either"):
         feature_stats(tmp_path / "s.zarr", "feat", "01", "train", scheduler="tcp://127.0.0.1:1", workers=2)
     if pytest.importorskip("distributed"):

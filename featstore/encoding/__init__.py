@@ -38,7 +38,7 @@ _LAZY = {
     "resolve_device": "train",
     "train_encoder": "train",
     "train_one_epoch": "train",
-    "SweepConfig": "layerwise",
+    "SweepConfig": "sweep_config",
     "SweepResult": "layerwise",
     "sweep": "layerwise",
     "project_tokens": "projection",

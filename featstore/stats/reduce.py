@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,15 @@ import dask.array as da
 import numpy as np
 
 from .. import _dask
-from ..config import config
+from ..config import config as settings
 from ..errors import BadArgumentError
 from ..storage import FeatureArray, FeatureStore
+from .config import StatsConfig
 from .kernels import SLICE_TOKENS, kernels
 from .persist import HIST_QUANTILES, open_for_saving, save_stats
 
-OUTLIER_Z = 6.0
 HIST_BINS = 256
 HIST_IMAGES = 256  # the histogram counts every k-th image, k = max(1, N // 256): all images of a small array
-PCA_POWER_ITER = 2
 PCA_OVERSAMPLES = 10
 _MAD_TO_SIGMA = 1.4826  # MAD of a Gaussian times this is its sigma
 
@@ -150,11 +150,11 @@ def _as_grid(per_position: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return per_position.reshape(grid) if int(np.prod(grid)) == per_position.size else per_position
 
 
-def _pca(fa: FeatureArray, k: int, mean: np.ndarray, total_var: float, task_mb: float, power_iter: int, client):
+def _pca(fa: FeatureArray, mean: np.ndarray, total_var: float, cfg: StatsConfig, client):
     """Top-k principal axes of the centred patch tokens; explained variance with the population convention (/M)."""
     N, T, C = fa.shape
     ci = fa.cls_index
-    x = _dask.blocks_of(fa, _dask.task_rows(fa, 8, task_mb))
+    x = _dask.blocks_of(fa, _dask.task_rows(fa, 8, cfg.task_mb))
     if ci == 0:
         p = x[:, 1:, :]
     elif ci == T - 1:
@@ -165,7 +165,7 @@ def _pca(fa: FeatureArray, k: int, mean: np.ndarray, total_var: float, task_mb: 
     _, _, centre = kernels()
     xc = m.map_blocks(centre, mean=mean, dtype=np.float64)
     _, s, v = da.linalg.svd_compressed(
-        xc, k, n_power_iter=power_iter, n_oversamples=PCA_OVERSAMPLES, seed=0, compute=True
+        xc, cfg.pca, n_power_iter=cfg.pca_power_iter, n_oversamples=PCA_OVERSAMPLES, seed=0, compute=True
     )
     s, v = dask.compute(s, v) if client is None else client.gather(client.compute([s, v]))
     ev = s.astype(np.float64) ** 2 / (N * (T - 1))
@@ -174,7 +174,7 @@ def _pca(fa: FeatureArray, k: int, mean: np.ndarray, total_var: float, task_mb: 
         "explained_variance": ev,
         "explained_variance_ratio": ev / total_var if total_var > 0 else np.zeros_like(ev),
         "singular_values": np.asarray(s, dtype=np.float64),
-        "n_power_iter": power_iter,
+        "n_power_iter": cfg.pca_power_iter,
     }
 
 
@@ -183,32 +183,34 @@ def feature_stats(
     feature: str,
     subj: str,
     split: str,
+    config: StatsConfig | None = None,
     *,
-    pca: int = 0,
     scheduler: str | None = None,
     workers: int | None = None,
-    save: bool = True,
-    progress: bool = False,
-    task_mb: float | None = None,
-    outlier_z: float = OUTLIER_Z,
-    pca_power_iter: int = PCA_POWER_ITER,
-    hist_every: int | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Per-channel statistics (CLS and patch tokens), token-norm map, outlier tokens, value histogram and
-    optionally the top-`pca` principal components of one complete array; saved next to it when `save`.
+    optionally the top-`pca` principal components of one complete array; saved next to it when `save`. Options
+    are the fields of StatsConfig (pca=10, save=False, ...).
 
     `scheduler`: None (dask's threaded scheduler), "sync", or the ADDRESS of a running dask.distributed scheduler;
     `workers=N` starts a LocalCluster of N single-threaded worker processes for the duration of the call.
     """
+    known = {f.name for f in fields(StatsConfig)}
+    if set(options) - known:
+        raise TypeError(f"feature_stats() got unknown option(s) {', '.join(sorted(set(options) - known))}; "
+                        f"options are: {', '.join(sorted(known))}")
+    cfg = replace(config or StatsConfig(), **options)
+    pca, save, progress, task_mb, hist_every = cfg.pca, cfg.save, cfg.progress, cfg.task_mb, cfg.hist_every
     t0 = time.perf_counter()
     fs = FeatureStore.open(store)
     fa = fs.get(feature, subj, split)
     N, T, C = fa.shape
     if pca < 0 or pca > min(C, N * (T - 1)):
-        raise BadArgumentError(f"--pca {pca}: must be between 0 and {min(C, N * (T - 1))}")
+        raise BadArgumentError(f"{pca}: must be between 0 and {min(C, N * (T - 1))}", param="pca")
     if N == 0 or T < 2:
         raise BadArgumentError(f"{fa.path} has shape {fa.shape}: need at least one image and a patch token")
-    task_mb = config.get("stats.task_mb") if task_mb is None else task_mb
+    task_mb = settings.get("stats.task_mb") if task_mb is None else task_mb
     if task_mb <= 0:
         raise BadArgumentError(f"task size {task_mb} MB must be positive")
     hist_every = max(1, N // HIST_IMAGES) if hist_every is None else int(hist_every)
@@ -241,11 +243,11 @@ def feature_stats(
             "token_norm": _as_grid(norms[:, patch].mean(axis=0), grid),
             "cls_norm": float(norms[:, ci].mean()),
             "hist": histogram_from_f16_counts(total["hist"]) | {"every": hist_every, "images": -(-N // hist_every)},
-            "outliers": _outliers(norms, patch, grid, outlier_z),
+            "outliers": _outliers(norms, patch, grid, cfg.outlier_z),
         }
         if pca:
             total_var = float(np.sum(result["patch"]["std"] ** 2))
-            result["pca"] = _pca(fa, pca, result["patch"]["mean"], total_var, task_mb, pca_power_iter, client)
+            result["pca"] = _pca(fa, result["patch"]["mean"], total_var, replace(cfg, task_mb=task_mb), client)
     result["timing"] = {
         "pass_s": pass_s,
         "total_s": time.perf_counter() - t0,
