@@ -24,7 +24,7 @@ log = logging.getLogger("featstore")
 
 def add_extract_args(p: ArgumentParser) -> None:
     """The guide's flags (same names and defaults, from ExtractConfig) plus what only the command line has."""
-    from .extraction import ExtractConfig
+    from .extraction.config import ExtractConfig
 
     p.add_argument("--data_dir", required=True, help="Algonauts subject folder, e.g. .../subj01")
     p.add_argument("--output_dir", required=True,

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import timm  # noqa: F401 - imported here, once, for every child (get_backbone imports it on first use)
 
-import featstore.backbones.dinov2  # noqa: F401
+import featstore.backbones.dinov2
 import featstore.storage._zarr_compat as local
+import featstore.storage.array
 from featstore import extract, get_backbone
 from featstore.storage import FeatureArray
 
@@ -77,7 +78,7 @@ def run(data_dir: str, store: str, point: str, k: int, chunk: int = 1, batch: in
             if point == "before_mark" and hit():
                 die()
 
-        local.fsync_all = fsync
+        featstore.storage.array.fsync_all = fsync  # the name the write path calls
     elif point == "mid_mark":
         orig_put = local._zarr_put
 

@@ -4,18 +4,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
 
 from ..errors import CorruptChunkError, IncompleteArrayError
-from . import _zarr_compat
+from ._zarr_compat import codec_steps, decoder, encoder, fsync_all, io_pool, put_file, run
 from .completion import CompletionRecord, WriterLock
 from .schema import ATTR_KEY, split_path
-
-if TYPE_CHECKING:
-    from .store import FeatureStore
 
 
 @dataclass
@@ -39,7 +36,8 @@ class FeatureArray:
     with --pack K. Messages name it (`unit`, `units`), so a count of packs never reads as a count of chunks.
     """
 
-    def __init__(self, store: FeatureStore, path: str, array: zarr.Array):
+    def __init__(self, store: Any, path: str, array: zarr.Array):
+        """`store`: the FeatureStore that holds the array (its zarr store, local folder and location)."""
         self.store = store
         self.path = path
         self.zarr = array
@@ -166,17 +164,17 @@ class FeatureArray:
         if self._steps is None:
             self.zarr[start:stop] = data  # zarr's path: returns after every chunk's write (or PUT) succeeded
             if durable and root is not None:
-                _zarr_compat.fsync_all(self._unit_files(root, units))
+                fsync_all(self._unit_files(root, units))
         else:  # whole chunks, encoded and written in parallel by the I/O threads, each fsync'ed right after
             data = np.asarray(data, dtype=self.dtype)
             encode = self._encoder
             jobs = [(root / self.path / self._chunk_key(i), data[(i - first_chunk) * self.chunk_len :][: self.chunk_len])
                     for i in units]
-            pool = _zarr_compat.io_pool()
-            for f in [pool.submit(lambda p, r: _zarr_compat.put_file(p, encode(r), durable), p, r) for p, r in jobs]:
+            pool = io_pool()
+            for f in [pool.submit(lambda p, r: put_file(p, encode(r), durable), p, r) for p, r in jobs]:
                 f.result()
             if durable:
-                _zarr_compat.fsync_all([p for p, _ in jobs], files=False)
+                fsync_all([p for p, _ in jobs], files=False)
         self.record.mark_done(units, durable)
         return units
 
@@ -189,15 +187,15 @@ class FeatureArray:
 
     @functools.cached_property
     def _steps(self) -> list | None:
-        return _zarr_compat.codec_steps(self.zarr, self.store.plain_local)
+        return codec_steps(self.zarr, self.store.plain_local)
 
     @functools.cached_property
     def _encoder(self):
-        return _zarr_compat.encoder(self.zarr, self._steps)
+        return encoder(self.zarr, self._steps)
 
     @functools.cached_property
     def _decoder(self):
-        return _zarr_compat.decoder(self._steps)
+        return decoder(self._steps)
 
     # ---- read path --------------------------------------------------------------------------------------------
     def read(self, start: int, stop: int | None = None) -> np.ndarray:
@@ -264,7 +262,7 @@ class FeatureArray:
         for i in tqdm(np.flatnonzero(mask), desc=f"verify {self.path}", disable=not progress, unit=self.unit):
             a, b = self.chunk_range(int(i))
             try:
-                if not self.packed and not _zarr_compat.run(
+                if not self.packed and not run(
                     self.store.zstore.exists(f"{self.path}/{self._chunk_key(int(i))}")
                 ):
                     raise ValueError("chunk file missing")
@@ -298,7 +296,7 @@ class FeatureArray:
 
     def nbytes_stored(self) -> int:
         """Bytes of everything under the array: its units (done or not), metadata and completion record."""
-        return int(_zarr_compat.run(self.store.zstore.getsize_prefix(self.path)))
+        return int(run(self.store.zstore.getsize_prefix(self.path)))
 
     def nbytes_units(self, units: list[int]) -> int:
         """Stored bytes of these units' objects (a missing one counts 0): one stat each on a local disk."""
@@ -310,7 +308,7 @@ class FeatureArray:
                 except FileNotFoundError:
                     pass
             return total
-        return int(_zarr_compat.run(_sizes(self.store.zstore, [f"{self.path}/{self._chunk_key(i)}" for i in units])))
+        return int(run(_sizes(self.store.zstore, [f"{self.path}/{self._chunk_key(i)}" for i in units])))
 
 
 async def _sizes(store: zarr.abc.store.Store, keys: list[str]) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from ..errors import StoreError
-from . import _zarr_compat
+from ._zarr_compat import buffer, fast_enabled, fsync_path, list_dir, put_file, run
 
 
 class CompletionRecord:
@@ -29,7 +29,7 @@ class CompletionRecord:
 
     def mask(self) -> np.ndarray:
         """Boolean (nunits,): which units are durably written."""
-        keys = _zarr_compat.list_dir(self.zstore, self.prefix)
+        keys = list_dir(self.zstore, self.prefix)
         mask = np.zeros(self.nunits, dtype=bool)
         for k in keys:
             if k.isdigit() and int(k) < self.nunits:
@@ -37,19 +37,19 @@ class CompletionRecord:
         return mask
 
     def mark_done(self, units: list[int], durable: bool) -> None:
-        if self.fast and _zarr_compat.fast_enabled():
+        if self.fast and fast_enabled():
             folder = self.local_root / self.prefix
             for i in units:  # same function as LocalStore.set, without the event-loop hop
-                _zarr_compat.put_file(folder / str(i), _zarr_compat.buffer(b""), durable=False)
+                put_file(folder / str(i), buffer(b""), durable=False)
             if durable:
-                _zarr_compat.fsync_path(folder)
+                fsync_path(folder)
             return
         for i in units:
-            _zarr_compat.run(self.zstore.set(f"{self.prefix}/{i}", _zarr_compat.buffer(b"")))
+            run(self.zstore.set(f"{self.prefix}/{i}", buffer(b"")))
 
     def mark_undone(self, units: list[int]) -> None:
         for i in units:
-            _zarr_compat.run(self.zstore.delete(f"{self.prefix}/{i}"))
+            run(self.zstore.delete(f"{self.prefix}/{i}"))
 
     def clean_partials(self, units: list[int] | None = None) -> int:
         """Remove stray `*.partial` temp files that a killed writer left; only for `units` (this writer's share),

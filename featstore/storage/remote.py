@@ -8,7 +8,7 @@ from fsspec.core import split_protocol
 from zarr.storage import FsspecStore
 
 from ..errors import StoreError, one_line
-from . import _zarr_compat
+from ._zarr_compat import s3_create
 
 
 def is_url(root: Any) -> bool:
@@ -38,6 +38,6 @@ async def set_if_not_exists(store: zarr.abc.store.Store, key: str, blob) -> None
     """Atomic where the backend can: LocalStore (O_EXCL) and S3 (If-None-Match: *); zarr's FsspecStore version is
     check-then-write. Callers re-read the uid to see who won; elsewhere a lost race only wastes the loser's work."""
     if isinstance(store, FsspecStore) and "s3" in store.fs.protocol:
-        await _zarr_compat.s3_create(store, key, blob.to_bytes())
+        await s3_create(store, key, blob.to_bytes())
         return
     await store.set_if_not_exists(key, blob)

@@ -15,7 +15,7 @@ from zarr.storage import LocalStore, MemoryStore
 
 from ..errors import FingerprintMismatchError, NotFoundInStoreError, StoreError, one_line
 from ..layout import normalize_subj
-from . import _zarr_compat
+from ._zarr_compat import buffer_prototype, list_dir, local_root, run
 from .array import FeatureArray
 from .fingerprint import fingerprint_diff
 from .remote import fsspec_store, is_url, local_path, set_if_not_exists
@@ -58,7 +58,7 @@ class FeatureStore:
             if not self.read_only:
                 check_writable_dir(path)
             self.zstore = LocalStore(path, read_only=self.read_only)
-        self.local_root = _zarr_compat.local_root(self.zstore)
+        self.local_root = local_root(self.zstore)
         self.plain_local = type(self.zstore) is LocalStore  # wrappers (tests inject faults) keep zarr's path
         self.location = str(self.local_root) if self.local_root else (
             self.source if isinstance(self.source, str) else repr(self.zstore))
@@ -108,7 +108,7 @@ class FeatureStore:
         """The array, or NotFoundInStoreError listing what the store holds; an array that exists but cannot be read
         (permissions, a corrupt zarr.json) is a StoreError saying so, never "not found"."""
         path = array_path(feature, normalize_subj(subj) if str(subj).isdigit() else subj, split)
-        if not _zarr_compat.run(self.zstore.exists(f"{path}/zarr.json")):
+        if not run(self.zstore.exists(f"{path}/zarr.json")):
             have = self.list_arrays()
             raise NotFoundInStoreError(
                 f"{self.location} has no array {path}; it contains: {', '.join(have) if have else 'nothing'}"
@@ -121,7 +121,7 @@ class FeatureStore:
         return FeatureArray(self, path, arr)
 
     def exists(self, feature: str, subj: str, split: str) -> bool:
-        return bool(_zarr_compat.run(self.zstore.exists(f"{array_path(feature, subj, split)}/zarr.json")))
+        return bool(run(self.zstore.exists(f"{array_path(feature, subj, split)}/zarr.json")))
 
     # ---- creation ---------------------------------------------------------------------------------------------
     def prepare(
@@ -167,7 +167,7 @@ class FeatureStore:
             open_group(self.zstore, parent)
         key = f"{path}/zarr.json"
         kept = ("format_version", "codecs") if codec is None else ("format_version",)  # storage, not values
-        if _zarr_compat.run(self.zstore.exists(key)):
+        if run(self.zstore.exists(key)):
             existing = self.get(feature, subj, split)
             diff = fingerprint_diff(existing.fingerprint, fingerprint, existing.meta, meta, ignore=kept)
             if not diff:
@@ -185,8 +185,8 @@ class FeatureStore:
                 path, existing.progress(done), diff,
             )
             self.delete(path)
-        blob = _zarr_compat.run(mem.get(key, _zarr_compat.buffer_prototype()))
-        _zarr_compat.run(set_if_not_exists(self.zstore, key, blob))
+        blob = run(mem.get(key, buffer_prototype()))
+        run(set_if_not_exists(self.zstore, key, blob))
         fa = self.get(feature, subj, split)
         if fa.uid != uid:  # another process created it first: same checks as above
             diff = fingerprint_diff(fa.fingerprint, fingerprint, fa.meta, meta, ignore=kept)
@@ -198,7 +198,7 @@ class FeatureStore:
 
     def _write_coordinates(self, split: str, group: str, names: list[str]) -> None:
         """Image names and NSD ids beside the array, so xarray labels the images (idempotent, identical content)."""
-        if not names or _zarr_compat.run(self.zstore.exists(f"{group}/{split}_nsd_id/zarr.json")):
+        if not names or run(self.zstore.exists(f"{group}/{split}_nsd_id/zarr.json")):
             return
         g = open_group(self.zstore, group)
         dims = (image_dim(split),)
@@ -210,21 +210,21 @@ class FeatureStore:
                                  dimension_names=dims, overwrite=True, compressors=None)
             ids[:] = nsd_ids(names)
         except Exception:
-            if not _zarr_compat.run(self.zstore.exists(f"{group}/{split}_nsd_id/zarr.json")):
+            if not run(self.zstore.exists(f"{group}/{split}_nsd_id/zarr.json")):
                 raise
 
     def delete(self, path: str) -> None:
         """Drop an array: its completion record first, so a crash midway never leaves done markers behind."""
-        for k in _zarr_compat.list_dir(self.zstore, path):
+        for k in list_dir(self.zstore, path):
             if k.startswith("done-"):
-                _zarr_compat.run(self.zstore.delete_dir(f"{path}/{k}"))
-        _zarr_compat.run(self.zstore.delete_dir(path))
+                run(self.zstore.delete_dir(f"{path}/{k}"))
+        run(self.zstore.delete_dir(path))
 
     # ---- statistics (written by stats.py) -----------------------------------------------------------------------
     def save_stats(self, fa: FeatureArray, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
         """Store small result arrays in a group next to `fa` ({split}_stats); replaces earlier results."""
         gpath = f"{fa.path}_stats"
-        _zarr_compat.run(self.zstore.delete_dir(gpath))
+        run(self.zstore.delete_dir(gpath))
         g = zarr.open_group(self.zstore, path=gpath, mode="w")
         for name, value in arrays.items():
             g.create_array(name, data=np.atleast_1d(np.asarray(value)), compressors=None)
@@ -248,7 +248,7 @@ class FeatureStore:
     def save_derived(self, key: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
         """Store a small derived array at `key` (outside the feature arrays, e.g. `_sweep/...`), replacing what was
         there. The attributes go last: an interrupted write leaves an array that `load_derived` treats as absent."""
-        _zarr_compat.run(self.zstore.delete_dir(key))
+        run(self.zstore.delete_dir(key))
         arr = zarr.create_array(self.zstore, name=key, data=np.asarray(data), compressors=None)
         arr.attrs[ATTR_KEY] = jsonable(attrs)
 
