@@ -1,4 +1,4 @@
-"""Issue 10, read side: a corrupt chunk, a failed export, `info` on an incomplete array, `stats` output files and
+"""The read side of failures: a corrupt chunk, a failed export, `info` on an incomplete array, `stats` output files and
 read-only stores, help text and flag spellings, and the guide's extract_features_new.py. Real stores on disk (the
 tiny backbone), the real CLI in subprocesses where the exit path matters."""
 from __future__ import annotations
@@ -62,7 +62,7 @@ def assert_names_corrupt_chunk(line: str) -> None:
     assert "featstore verify --repair" in line and "extract" in line, line
 
 
-# ---- point 1: a corrupt chunk is one line on every read path; no temp file survives --------------------------------
+# ---- a corrupt chunk is one line on every read path; no temp file survives --------------------------------
 def test_export_npy_of_corrupt_chunk_is_one_line_and_leaves_no_partial(stores, tmp_path):
     _, bad = stores
     out = tmp_path / "npy"
@@ -142,7 +142,7 @@ def test_export_that_cannot_write_is_one_line_and_leaves_no_partial(stores, tmp_
     assert not [p for p in out.rglob("*") if p.is_file()]
 
 
-# ---- point 7: info on an incomplete array ------------------------------------------------------------------------
+# ---- info on an incomplete array ------------------------------------------------------------------------
 def test_info_ratio_counts_done_chunks_only(tmp_path, capsys):
     """10 of 40 chunks written: the ratios are those of the complete array, not 4x them; none written: "-"."""
     rng = np.random.default_rng(0)
@@ -171,7 +171,7 @@ def test_info_ratio_counts_done_chunks_only(tmp_path, capsys):
         assert cell(synt, name) == "-"
 
 
-# ---- point 10: stats output file, read-only store -------------------------------------------------------------------
+# ---- stats output file, read-only store -------------------------------------------------------------------
 def test_stats_plot_without_extension_prints_the_file_written(stores, tmp_path, capsys):
     good, _ = stores
     out = tmp_path / "plot_noext"
@@ -215,7 +215,7 @@ def test_stats_on_read_only_store_names_the_store_and_no_save(read_only_copy, ca
     assert "patch tokens" in capsys.readouterr().out
 
 
-# ---- point 11: help text, defaults, both spellings, one-line usage errors -------------------------------------------
+# ---- help text, defaults, both spellings, one-line usage errors -------------------------------------------
 COMMANDS = ("extract", "export-npy", "info", "sample", "verify", "stats", "demo")
 
 
@@ -271,7 +271,7 @@ def test_flag_spellings_and_usage_errors(tmp_path, capsys):
     assert len(err) == 1 and "required: --data_dir (see: featstore extract --help)" in err[0], err
 
 
-# ---- point 12: the guide's script ----------------------------------------------------------------------------------
+# ---- the guide's script ----------------------------------------------------------------------------------
 def test_extract_features_new_help_and_wrote_lines(subject, tmp_path, capsys, caplog):
     tool = runpy.run_path(str(TOOL))  # the script's functions, without running it
     opt = tool["build_parser"]().format_help().split("--output_dir OUTPUT_DIR", 2)[-1][:300]

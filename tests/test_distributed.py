@@ -1,4 +1,4 @@
-"""Distributed extraction (issue 13): a real dask LocalCluster of 2 worker processes fills the arrays.
+"""Distributed extraction: a real dask LocalCluster of 2 worker processes fills the arrays.
 
 One cluster for the module (created by featstore's own `_dask.client`); tests pass its address as `scheduler=`, as
 `--scheduler ADDRESS` does.

@@ -14,7 +14,7 @@ from PIL import Image
 from featstore import export_npy, extract, get_backbone
 from featstore.errors import LayoutError
 from featstore.storage import FeatureStore
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, cli_here, run_cli
 
 
 def _direct(backbone: str, subject, split: str = "train", **kw) -> np.ndarray:
@@ -162,49 +162,47 @@ def _extract_args(subject, out, *extra):
             "--arch", "tiny", "--device", "cpu", "--num_workers", "0", *extra]
 
 
-def test_cli_bad_data_dir(tmp_path):
-    r = run_cli(*_extract_args(tmp_path / "nope", tmp_path / "s.zarr"))
-    _assert_one_line_error(r, "--data_dir")
+BAD_RUNS = {  # (how the subject folder, the store and the flags are made wrong, words of the one error line)
+    "missing data_dir": (lambda subj, tmp: (tmp / "nope", tmp / "s.zarr", []), ["--data_dir"]),
+    "no train folder": (lambda subj, tmp: ((tmp / "subj01").mkdir() or tmp / "subj01", tmp / "s.zarr", []),
+                        ["training_split/training_images"]),
+    "unknown backbone": (lambda subj, tmp: (subj, tmp / "s.zarr", ["--backbone", "vgg"]), ["--backbone 'vgg'",
+                                                                                            "dinov2_q"]),
+    "subj 0": (lambda subj, tmp: (subj, tmp / "s.zarr", ["--subj", "0"]), ["--subj"]),
+    "subj abc": (lambda subj, tmp: (subj, tmp / "s.zarr", ["--subj", "abc"]), ["--subj"]),
+    "subj of another folder": (lambda subj, tmp: (subj, tmp / "s.zarr", ["--subj", "02"]), ["--subj 02"]),
+    "output_dir under a file": (lambda subj, tmp: (subj, (tmp / "file").write_text("x") and tmp / "file" / "s.zarr",
+                                                   []), ["--output_dir"]),
+    "output_dir in /proc": (lambda subj, tmp: (subj, "/proc/x.zarr", []), ["--output_dir /proc/x.zarr"]),
+    "output_dir not a store": (lambda subj, tmp: (subj, _folder_with_data(tmp), []),
+                               ["--output_dir", "not a featstore store"]),
+    "missing weights file": (lambda subj, tmp: (subj, tmp / "s.zarr", ["--weights", str(tmp / "missing.pth")]),
+                             ["missing.pth"]),
+}
+
+
+def _folder_with_data(tmp):
+    (tmp / "notastore").mkdir()
+    (tmp / "notastore" / "keep.txt").write_text("data")
+    return tmp / "notastore"
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_cli_mistakes_are_one_line_exit_2_and_write_nothing(case, subject, tmp_path, capsys, caplog):
+    """Each mistake is refused before any model is built: one error line naming the flag, exit 2, no store made,
+    no warning before it (e.g. no CUDA warning: the device is resolved after every argument is checked)."""
+    make, words = BAD_RUNS[case]
+    data_dir, out, extra = make(subject, tmp_path)
+    args = ["extract", "--data_dir", str(data_dir), "--output_dir", str(out), "--device", "cuda", *extra]
+    if "--weights" not in extra:
+        args += ["--weights", "random", "--arch", "tiny"]
+    with caplog.at_level(logging.WARNING, logger="featstore"):
+        r = cli_here(capsys, *args)
+    _assert_one_line_error(r, *words)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING], caplog.records
     assert not (tmp_path / "s.zarr").exists()
-
-
-def test_cli_data_dir_without_train_folder(tmp_path):
-    (tmp_path / "subj01").mkdir()
-    r = run_cli(*_extract_args(tmp_path / "subj01", tmp_path / "s.zarr"))
-    _assert_one_line_error(r, "training_split/training_images")
-
-
-def test_cli_bad_backbone(subject, tmp_path):
-    r = run_cli(*_extract_args(subject, tmp_path / "s.zarr", "--backbone", "resnet"))
-    _assert_one_line_error(r, "--backbone", "dinov2_q")
-    assert not (tmp_path / "s.zarr").exists()
-
-
-@pytest.mark.parametrize("subj", ["0", "abc", "02"])
-def test_cli_bad_subj(subject, tmp_path, subj):
-    r = run_cli(*_extract_args(subject, tmp_path / "s.zarr", "--subj", subj))
-    _assert_one_line_error(r, "--subj")
-    assert not (tmp_path / "s.zarr").exists()
-
-
-def test_cli_output_dir_unusable(subject, tmp_path):
-    f = tmp_path / "file"
-    f.write_text("x")
-    r = run_cli(*_extract_args(subject, f / "s.zarr"))
-    _assert_one_line_error(r, "--output_dir")
-    other = tmp_path / "notastore"
-    other.mkdir()
-    (other / "keep.txt").write_text("data")
-    r = run_cli(*_extract_args(subject, other))
-    _assert_one_line_error(r, "--output_dir", "not a featstore store")
-    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
-
-
-def test_cli_pretrained_unavailable_offline(subject, tmp_path):
-    r = run_cli("extract", "--data_dir", str(subject), "--output_dir", str(tmp_path / "s.zarr"),
-                "--device", "cpu", "--backbone", "dinov2_q", "--weights", str(tmp_path / "missing.pth"))
-    _assert_one_line_error(r, "missing.pth")
-    assert not (tmp_path / "s.zarr").exists()
+    if case == "output_dir not a store":
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
 def test_cli_extract_cuda_falls_back_and_prints_summary(subject, tmp_path):

@@ -1,4 +1,4 @@
-"""Many layers and both DINOv2 variants from one forward pass (issue 12): each array equals its single-output run,
+"""Many layers and both DINOv2 variants from one forward pass: each array equals its single-output run,
 a killed multi-output run resumes bit-identically, and a rerun that adds a layer writes only the new arrays."""
 from __future__ import annotations
 

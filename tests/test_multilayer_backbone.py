@@ -1,4 +1,4 @@
-"""Many layers and several variants from one forward pass (issue 12): layer specs, variant lists, and every output
+"""Many layers and several variants from one forward pass: layer specs, variant lists, and every output
 bit-identical to the single-output backbone of the same (variant, layer). Real tiny timm/open_clip models."""
 from __future__ import annotations
 

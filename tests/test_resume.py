@@ -1,4 +1,4 @@
-"""Crash safety and resume (issue 3): real subprocesses killed with real signals, real stores on disk."""
+"""Crash safety and resume: real subprocesses killed with real signals, real stores on disk."""
 from __future__ import annotations
 
 import errno

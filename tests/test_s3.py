@@ -1,4 +1,4 @@
-"""Remote stores (issue 13): every command against a real S3-compatible server (moto, on 127.0.0.1), with and without
+"""Remote stores: every command against a real S3-compatible server (moto, on 127.0.0.1), with and without
 --pack, compared with the same extraction on local disk. Credentials and endpoint come from the environment only.
 
 Per pack value, one store is made the hard way: a `featstore extract` subprocess is SIGKILLed after the objects of

@@ -87,7 +87,7 @@ def test_fmri_shapes_and_dtype(small):
         assert np.isfinite(fmri).all() and fmri.std() > 0.5
 
 
-ALGONAUTS_ROIS = {  # the Algonauts 2023 mapping_*.npy label sets, as issue 9 lists them
+ALGONAUTS_ROIS = {  # the Algonauts 2023 mapping_*.npy label sets, as the challenge ships them
     "prf-visualrois": "V1v V1d V2v V2d V3v V3d hV4",
     "floc-bodies": "EBA FBA-1 FBA-2 mTL-bodies",
     "floc-faces": "OFA FFA-1 FFA-2 mTL-faces aTL-faces",

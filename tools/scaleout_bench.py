@@ -1,4 +1,4 @@
-"""Scale-out figures for the README (issue 13): 1 vs 2 dask workers, object counts with and without --pack, and
+"""Scale-out figures for the README: 1 vs 2 dask workers, object counts with and without --pack, and
 extract/read throughput on a local S3 server (moto, a separate process on 127.0.0.1) vs local disk.
 
 usage: python tools/scaleout_bench.py [--images 64] [--pack 16] [--reps 2] [--dir DIR]
