@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .backbones.registry import backbone_config
 from .errors import BadArgumentError, IncompleteArrayError, LayoutError, NotFoundInStoreError, StoreError
 from .layout import SPLIT_DIRS, Subject, read_subject
 from .storage import FeatureArray, FeatureStore, image_list_diff
 
-CLIP_FEATURE = "clip_vit_512"
+CLIP_FEATURE = backbone_config("clip").legacy_last  # clip_vit_512: the registry names it
 NORMALIZE_MODES = (None, "channel")
 TARGET_FORMATS = ("tensor", "legacy")
 SPLIT_ALIASES = {"test": "synt"}  # the Algonauts name of the test split; the store keeps the legacy name
