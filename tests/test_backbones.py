@@ -112,6 +112,20 @@ def test_intermediate_layer(name):
 
 
 @pytest.mark.parametrize("name", list_backbones())
+def test_tiny_depth_by_name(tiny, name):
+    """--arch tiny-dN: the tiny architecture with N blocks (plain tiny keeps its own); no pretrained weights, and
+    N >= 1."""
+    n = tiny[name].num_layers
+    deeper = get_backbone(name, arch=f"tiny-d{n + 2}", weights="random", seed=0, layer=n - 1)
+    assert deeper.num_layers == n + 2 and deeper.arch == f"tiny-d{n + 2}"
+    assert get_backbone(name, arch=f"tiny-d{n}", weights="random", layer=0).num_layers == n
+    with pytest.raises(WeightsError, match=f"--arch tiny-d{n + 2} has no pretrained weights"):
+        get_backbone(name, arch=f"tiny-d{n + 2}", weights="pretrained")
+    with pytest.raises(BadArgumentError, match="tiny-d0"):
+        get_backbone(name, arch="tiny-d0", weights="random")
+
+
+@pytest.mark.parametrize("name", list_backbones())
 def test_layer_out_of_range(tiny, name):
     n = tiny[name].num_layers
     for layer in (n, -n - 1, 99):

@@ -32,7 +32,7 @@ from .base import (
     sha256_file,
     url_reachable,
 )
-from .registry import BackboneConfig, LayerSpec, backbone_config, make_outputs, parse_layers
+from .registry import BackboneConfig, LayerSpec, backbone_config, is_tiny, make_outputs, parse_layers, tiny_depth
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,16 @@ TINY = {
 }
 # The text tower is never used; CLIP() needs one, so it gets the smallest that builds.
 _TEXT_STUB = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 1}
+
+
+def _model_config(arch: str) -> dict[str, Any] | None:
+    """open_clip's model config of `arch`, or TINY (with N layers for tiny-dN); None for an unknown name."""
+    if not is_tiny(arch):
+        import open_clip
+
+        return open_clip.get_model_config(arch)
+    depth = tiny_depth(arch)
+    return TINY if depth is None else {**TINY, "vision_cfg": {**TINY["vision_cfg"], "layers": depth}}
 
 
 @dataclass
@@ -96,7 +106,7 @@ def _build_visual(arch: str, quick_gelu: bool) -> torch.nn.Module:
     import open_clip
     from open_clip.transformer import VisionTransformer
 
-    cfg = TINY if arch == "tiny" else open_clip.get_model_config(arch)
+    cfg = _model_config(arch)
     if cfg is None:
         raise BadArgumentError(f"unknown --arch {arch!r} for clip: not an open_clip model name")
     model = open_clip.CLIP(
@@ -163,9 +173,9 @@ def build(
     check_weights_arg(weights, arch)
     import open_clip
 
-    if arch != "tiny" and open_clip.get_model_config(arch) is None:
+    if _model_config(arch) is None:
         raise BadArgumentError(f"unknown --arch {arch!r} for clip: not an open_clip model name")
-    tag = None if arch == "tiny" else _tag_for(arch)
+    tag = None if is_tiny(arch) else _tag_for(arch)
     tag_cfg: dict[str, Any] = {}
     if tag is not None:
         tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
@@ -217,10 +227,10 @@ def clip_preprocess(arch: str | None = None) -> Preprocess:
     import open_clip
 
     arch = arch or backbone_config("clip").default_arch
-    cfg = TINY if arch == "tiny" else open_clip.get_model_config(arch)
+    cfg = _model_config(arch)
     if cfg is None:
         raise BadArgumentError(f"unknown --arch {arch!r} for clip: not an open_clip model name")
     size = cfg["vision_cfg"].get("image_size", 224)
     size = (size, size) if isinstance(size, int) else tuple(size)
-    tag = None if arch == "tiny" else _tag_for(arch)
+    tag = None if is_tiny(arch) else _tag_for(arch)
     return _preprocess(size, open_clip.get_pretrained_cfg(arch, tag) if tag else {}, arch)

@@ -39,11 +39,12 @@ from .base import (
     sha256_file,
     url_reachable,
 )
-from .registry import BackboneConfig, LayerSpec, backbone_config, make_outputs, parse_layers
+from .registry import BackboneConfig, LayerSpec, backbone_config, is_tiny, make_outputs, parse_layers, tiny_depth
 
 log = logging.getLogger(__name__)
 
-# A DINOv2-shaped ViT small enough for tests: patch 14, 37x37 position grid (518 px), layer scale.
+# A DINOv2-shaped ViT small enough for tests (--arch tiny; tiny-dN for N blocks): patch 14, 37x37 position grid
+# (518 px), layer scale.
 TINY = {"img_size": 518, "patch_size": 14, "embed_dim": 48, "depth": 3, "num_heads": 3, "init_values": 1e-5}
 
 
@@ -151,8 +152,8 @@ def _build_module(arch: str) -> torch.nn.Module:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    if arch == "tiny":
-        model = VisionTransformer(num_classes=0, dynamic_img_size=True, **TINY)
+    if is_tiny(arch):  # tiny-dN: N blocks instead of TINY's
+        model = VisionTransformer(num_classes=0, dynamic_img_size=True, **{**TINY, "depth": tiny_depth(arch) or TINY["depth"]})
     else:
         if not timm.is_model(arch):
             raise BadArgumentError(f"unknown --arch {arch!r} for dinov2: not a timm model name")

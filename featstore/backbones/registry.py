@@ -6,6 +6,7 @@ check `--backbone` / `--enc_layer` without importing torch.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,5 +188,19 @@ def check_weights_arg(weights: str, arch: str) -> None:
     """Fail before building anything: the weights argument must name a source; tiny archs have no pretrained ones."""
     if weights not in ("pretrained", "random") and not Path(weights).is_file():
         raise WeightsError(f"--weights {weights!r} is neither 'pretrained', 'random' nor an existing file")
-    if arch == "tiny" and weights == "pretrained":
-        raise WeightsError(f"--arch tiny has no pretrained weights; {WEIGHTS_HINT}")
+    if is_tiny(arch) and weights == "pretrained":
+        raise WeightsError(f"--arch {arch} has no pretrained weights; {WEIGHTS_HINT}")
+
+
+_TINY = re.compile(r"tiny(?:-d([1-9][0-9]?))?")
+
+
+def is_tiny(arch: str | None) -> bool:
+    """Whether `arch` names the tiny random test architecture of a family: `tiny`, or `tiny-dN` (N blocks)."""
+    return arch is not None and _TINY.fullmatch(arch) is not None
+
+
+def tiny_depth(arch: str) -> int | None:
+    """The blocks a tiny architecture name asks for (`tiny-d12` -> 12), None for plain `tiny` (the family's own)."""
+    m = _TINY.fullmatch(arch)
+    return int(m.group(1)) if m and m.group(1) else None

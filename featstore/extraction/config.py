@@ -36,7 +36,8 @@ class ExtractConfig:
         -1, "block index, negative from the end; a list (-1,-4,6), a range (0:12) or all", type=str,
         negative_numbers=True)
     weights: str = flag("pretrained", "pretrained, random (seeded, recorded as such), or a checkpoint PATH")
-    arch: str | None = flag(None, "override the architecture (a timm/open_clip name, or 'tiny' for smoke tests)")
+    arch: str | None = flag(None, "override the architecture (a timm/open_clip name, or 'tiny' for smoke tests; "
+                                   "tiny-dN: N blocks)")
     image_size: int | None = flag(None, "resize DINOv2 input to this square size (default: none, 425 -> padded 434)")
     dtype: str = flag("float16", "stored dtype", choices=("float16", "float32"))
     chunk: int = flag(1, "samples per storage chunk")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +21,8 @@ from .writer import BackgroundWriter, ChunkAssembler
 
 if TYPE_CHECKING:
     import torch
+
+    from .config import ExtractConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,8 @@ def interrupted(arrays: list[FeatureArray], exc: BaseException) -> Interrupted:
     return Interrupted(f"interrupted: {state} are done; rerun the same command to resume", exit_code=code)
 
 
-def _rows_needed(plan: SplitPlan, arrays: list[FeatureArray], todo: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    need = {fa.path: np.zeros(len(plan.paths), dtype=bool) for fa in arrays}
+def _rows_needed(arrays: list[FeatureArray], todo: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    need = {fa.path: np.zeros(fa.shape[0], dtype=bool) for fa in arrays}
     for fa in arrays:
         for c in todo[fa.path]:
             need[fa.path][slice(*fa.chunk_range(c))] = True
@@ -79,53 +82,74 @@ def _loader(plan: SplitPlan, indices: list[int], dev: torch.device, context: str
     )
 
 
-def _compute(plan: SplitPlan, arrays: list[FeatureArray], todo: dict[str, list[int]], dev: torch.device,
-             context: str | None) -> dict[str, int]:
+def _forward(plan: SplitPlan, loader, dev: torch.device) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """(image indices, {feature: tokens}) per batch: one forward pass serves every output."""
     import torch
 
-    cfg = plan.cfg
-    need = _rows_needed(plan, arrays, todo)
+    for idx, x, errors in loader:
+        if errors:
+            raise CorruptImageError(errors[0])
+        with torch.inference_mode():
+            ys = plan.bb.forward_features(x.to(dev, non_blocking=True))
+        yield np.asarray(idx), ys
+
+
+def _compute(plan: SplitPlan, arrays: list[FeatureArray], todo: dict[str, list[int]], dev: torch.device,
+             context: str | None) -> dict[str, int]:
+    need = _rows_needed(arrays, todo)
     indices = [int(i) for i in np.flatnonzero(np.logical_or.reduce(list(need.values())))]
     loader = _loader(plan, indices, dev, context)
-    tdtype = torch.float16 if cfg.dtype == "float16" else torch.float32
-    assemblers = {fa.path: ChunkAssembler(fa, todo[fa.path]) for fa in arrays}
     single = len(arrays) == 1
     desc = arrays[0].path if single else f"{plan.subj}/{plan.split}: {len(arrays)} arrays"
     bar = tqdm(total=int(sum(n.sum() for n in need.values())), desc=desc, unit="img" if single else "row",
-               disable=not cfg.progress, smoothing=0.1)
-    writer = BackgroundWriter(cfg.durable, cfg.queue_mb << 20, on_written=bar.update)
+               disable=not plan.cfg.progress, smoothing=0.1)
+    try:
+        return write_batches(arrays, todo, _forward(plan, loader, dev), plan.cfg, on_written=bar.update,
+                             names=plan.paths)
+    finally:
+        bar.close()
+
+
+def write_batches(arrays: list[FeatureArray], todo: dict[str, list[int]],
+                  batches: Iterable[tuple[np.ndarray, Mapping[str, torch.Tensor]]], cfg: ExtractConfig,
+                  on_written: Callable[[int], object] | None = None, names: Sequence | None = None) -> dict[str, int]:
+    """What extraction does after the forward pass, for any stream of computed batches: `batches` yields (row
+    indices, {feature: (B, T, C) tensor}); each array takes the rows its `todo` units hold, converted to cfg.dtype
+    (a float16 overflow is an error naming `names[row]`), assembled into whole units and written by the background
+    writer (cfg.durable, at most cfg.queue_mb queued). Returns the rows written per array; Ctrl-C writes what was
+    computed, then raises Interrupted."""
+    import torch
+
+    need = _rows_needed(arrays, todo)
+    tdtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    assemblers = {fa.path: ChunkAssembler(fa, todo[fa.path]) for fa in arrays}
+    writer = BackgroundWriter(cfg.durable, cfg.queue_mb << 20, on_written=on_written)
     computed = dict.fromkeys(need, 0)
     try:
-        for idx, x, errors in loader:
-            if errors:
-                raise CorruptImageError(errors[0])
+        for idx, ys in batches:
             idx_arr = np.asarray(idx)
             with torch.inference_mode():
-                ys = plan.bb.forward_features(x.to(dev, non_blocking=True))
                 for fa in arrays:
                     sel = need[fa.path][idx_arr]
                     if sel.any():
-                        rows = _stored_rows(plan, fa, ys[fa.feature], sel, idx_arr, tdtype)
+                        rows = _stored_rows(fa, ys[fa.feature], sel, idx_arr, tdtype, names)
                         for first, data in assemblers[fa.path].add(rows):
                             writer.put(fa, first, data)
                         computed[fa.path] += len(rows)
     except KeyboardInterrupt as e:
         writer.close()  # the rows already computed are written: nothing finished is lost
-        bar.close()
         raise interrupted(arrays, e) from None
     except BaseException:
         writer.close()
-        bar.close()
         writer.check()
         raise
     writer.close()
-    bar.close()
     writer.check()
     return computed
 
 
-def _stored_rows(plan: SplitPlan, fa: FeatureArray, y: torch.Tensor, sel: np.ndarray, idx: np.ndarray,
-                 tdtype: torch.dtype) -> np.ndarray:
+def _stored_rows(fa: FeatureArray, y: torch.Tensor, sel: np.ndarray, idx: np.ndarray, tdtype: torch.dtype,
+                 names: Sequence | None) -> np.ndarray:
     """The batch's rows that `fa` needs, in the stored dtype (converted on the device, before the host copy); a
     value beyond float16 is an error naming the image, never an inf in the store."""
     import torch
@@ -134,10 +158,10 @@ def _stored_rows(plan: SplitPlan, fa: FeatureArray, y: torch.Tensor, sel: np.nda
         y = y[torch.from_numpy(sel).to(y.device)]
     y = y.to(tdtype)
     if tdtype == torch.float16 and has_inf(y):
-        bad = int(torch.isinf(y).flatten(1).any(1).nonzero()[0])
+        row = int(idx[sel][int(torch.isinf(y).flatten(1).any(1).nonzero()[0])])
         raise Float16OverflowError(
-            f"{plan.paths[idx[sel][bad]]}: a feature value of {fa.feature} exceeds the float16 range (65504); "
-            "rerun with --dtype float32 (and --overwrite)"
+            f"{names[row] if names is not None else f'row {row}'}: a feature value of {fa.feature} exceeds the "
+            "float16 range (65504); rerun with --dtype float32 (and --overwrite)"
         )
     return y.cpu().numpy()
 
