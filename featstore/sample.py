@@ -101,10 +101,12 @@ def image_descriptors(images: np.ndarray) -> np.ndarray:
 
 _PRF, _BODIES, _FACES, _PLACES, _WORDS, _STREAMS = ROI_CLASSES
 # The synthetic cortex of a hemisphere: contiguous runs of vertices, in this order, each with its ROI memberships
-# ({class: label}; absent = 0). Some floc ROIs overlap, as in the real masks; the last run is in no ROI at all.
+# ({class: label}; absent = 0). ROIs of different classes overlap, as in the real masks: floc ROIs pairwise, and hV4
+# with EBA and OFA (a vertex in three ROIs of the rois_all readout); the last run is in no ROI at all.
 _SEGMENTS: tuple[dict[str, int], ...] = (
     *({_PRF: k, _STREAMS: 1} for k in range(1, 7)),  # V1v .. V3d, the early stream
-    {_PRF: 7, _STREAMS: 2}, {_STREAMS: 2}, {_STREAMS: 3}, {_STREAMS: 4},  # hV4, mid streams
+    {_PRF: 7, _STREAMS: 2}, {_PRF: 7, _BODIES: 1, _FACES: 1, _STREAMS: 2},  # hV4, hV4+EBA+OFA
+    {_STREAMS: 2}, {_STREAMS: 3}, {_STREAMS: 4},  # mid streams
     {_BODIES: 1, _STREAMS: 6}, {_BODIES: 1, _FACES: 1, _STREAMS: 6}, {_FACES: 1, _STREAMS: 6},  # EBA, EBA+OFA, OFA
     {_FACES: 2, _STREAMS: 5}, {_FACES: 2, _BODIES: 2, _STREAMS: 5}, {_BODIES: 2, _STREAMS: 5},  # FFA-1, +FBA-1
     {_FACES: 3, _STREAMS: 5}, {_FACES: 3, _WORDS: 2, _STREAMS: 5}, {_WORDS: 2, _STREAMS: 5},  # FFA-2, +VWFA-1
@@ -153,8 +155,9 @@ def planted_weights(n_vertices: int, seed: int, subj: str, hemi: str) -> np.ndar
       brightness does not drive it), centred in the area's quadrant: ventral areas (V1v, ...) see the upper half,
       dorsal ones the lower half, the left hemisphere the right half of the image and vice versa.
     - hV4 and the mid streams: a broad receptive field (sigma 1.5) in the hemifield plus 0.7 x the ROI's tuning.
-    - floc ROIs: global content only (mean R, G, B, edge energy): the sum of the tunings of the vertex's floc ROIs
-      (each a unit vector shared by the ROI, see ``_tuning``) plus 0.3 x per-vertex N(0, 1) jitter.
+    - floc ROIs (also where they overlap hV4): global content only (mean R, G, B, edge energy): the sum of the
+      tunings of the vertex's floc ROIs (each a unit vector shared by the ROI, see ``_tuning``) plus 0.3 x
+      per-vertex N(0, 1) jitter.
     - ventral / lateral / parietal stream vertices outside the floc ROIs: the stream's tuning plus the same jitter.
     - vertices in no ROI: N(0, 1) weights on all 20 descriptors.
     Per-vertex draws come from ``np.random.default_rng([seed, int(subj), hemi_id, 0])``.
@@ -172,7 +175,7 @@ def planted_weights(n_vertices: int, seed: int, subj: str, hemi: str) -> np.ndar
     for v in range(n_vertices):
         label, stream = int(prf[v]), int(streams[v])
         floc = [(c, int(rois[c][v])) for c in floc_classes if rois[c][v]]
-        if label or stream in (2, 3, 4):  # retinotopic: a receptive field over the luminance map
+        if (label or stream in (2, 3, 4)) and not floc:  # retinotopic: a receptive field over the luminance map
             sigma = _RF_SIGMA.get(label, _BROAD_SIGMA)
             row0, rows = ((0.0, 2.0) if label % 2 else (2.0, 2.0)) if 1 <= label <= 6 else (0.0, 4.0)
             r, c = row0 + rows * centre[0, v], col0 + 2.0 * centre[1, v]
