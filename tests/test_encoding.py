@@ -149,12 +149,15 @@ def tool(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           check=False, env=env)
 
 
-def test_tool_end_to_end_with_the_guides_flags(data):
+def test_tool_end_to_end_with_the_guides_flags(data, capfd):
+    """The tool's main in this process, with DataLoader workers (its exit path in a real process:
+    test_tool_process_exit_code), so no interpreter start and torch import are paid twice."""
     out = data["root"] / "run"
-    r = tool("--subj", "1", "--saved_feats", "dinov2q", "--saved_feats_dir", str(data["store"]),
-             "--data_dir", str(data["data"]), "--encoder_arch", "transformer", "--readout_res", "rois_all",
-             "--epochs", "1", "--batch_size", "16", "--lr", "5e-3", "--hidden_dim", "32", "--nheads", "2",
-             "--dim_feedforward", "64", "--num_workers", "2", "--device", "cpu", "--output_path", str(out))
+    code = _tool_main()(["--subj", "1", "--saved_feats", "dinov2q", "--saved_feats_dir", str(data["store"]),
+                         "--data_dir", str(data["data"]), "--encoder_arch", "transformer", "--readout_res", "rois_all",
+                         "--epochs", "1", "--batch_size", "16", "--lr", "5e-3", "--hidden_dim", "32", "--nheads", "2",
+                         "--dim_feedforward", "64", "--num_workers", "2", "--device", "cpu", "--output_path", str(out)])
+    r = subprocess.CompletedProcess([], code, *capfd.readouterr())
     assert r.returncode == 0, r.stderr[-2000:]
     assert "validation mean r lh" in r.stdout and "samples/s" in r.stdout
     assert "epoch 1/1" in r.stderr and "samples/s]" in r.stderr  # the per-epoch tqdm bar with its rate
@@ -172,7 +175,7 @@ def test_tool_end_to_end_with_the_guides_flags(data):
     # the checkpoint rebuilds the model that made the submission
     ds = FeatureDataset(data["store"], split="test")
     readout = make_readout("rois_all", {"lh": VERTICES[0], "rh": VERTICES[1]}, load_rois(data["subj"]))
-    model = TransformerBrainEncoder(ds.channels, readout, EncoderConfig(**ckpt["model_config"]))
+    model = TransformerBrainEncoder(ds.channels, readout, EncoderConfig.from_dict(ckpt["model_config"]))
     assert load_checkpoint(out / "checkpoint.pt", model).layout == "featstore"
     with torch.no_grad():
         model.eval()
@@ -522,10 +525,10 @@ def test_transformer_equals_the_reference_step_for_step(data, batches, tmp_path,
     The steps run in float64: in float32 the two agree on the first loss to ~1e-7, but Adam turns rounding-level
     differences of near-zero gradients into whole steps, so float32 runs drift apart by chance (up to ~6e-5 by the
     sixth step); in float64 they agree to ~1e-15 at every step, which only the same arithmetic gives. "voxels"
-    reads out the subject's first 60 + 50 vertices (a query each: the cost grows with them, the arithmetic does not)."""
+    reads out the subject's first 30 + 25 vertices (a query each: the cost grows with them, the arithmetic does not)."""
     nv = dict(zip(("lh", "rh"), VERTICES))
     if readout_res == "voxels":
-        nv = {"lh": 60, "rh": 50}
+        nv = {"lh": 30, "rh": 25}
         batches = first_vertices(batches, nv)
     classes = READOUTS[readout_res]
     rois = reference_rois(data["subj"], classes) if classes else None

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # settings compared between a checkpoint and the model it is loaded into (dropout only matters for training)
 ARCH_FIELDS = ("encoder_arch", "readout_res", "hidden_dim", "nheads", "dec_layers", "enc_layers", "dim_feedforward",
                "pre_norm", "position_embedding", "query_self_attn", "enc_output_layer", "linear_channels")
+LINEAR_FIELDS = ("encoder_arch", "linear_channels")
 # the reference's args that name the same settings (its enc_output_layer picks a backbone block, so it is not one)
 REFERENCE_FIELDS = ("encoder_arch", "readout_res", "hidden_dim", "nheads", "dec_layers", "enc_layers",
                     "dim_feedforward", "pre_norm", "position_embedding")
@@ -129,9 +130,14 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> LoadedCheckpoint:
 
 
 def _compare(path: Path, settings: dict, config: EncoderConfig, names: tuple[str, ...]) -> None:
+    """Refuse a checkpoint made with other architecture flags (those of the linear baseline are few)."""
+    if config.encoder_arch == "linear":
+        names = tuple(n for n in names if n in LINEAR_FIELDS)
+    elif not config.enc_layers:
+        names = tuple(n for n in names if n != "enc_output_layer")
     diffs = []
     for name in names:
-        if name not in settings or (name == "readout_res" and config.encoder_arch == "linear"):
+        if name not in settings:
             continue
         theirs, ours = _plain(settings[name]), _plain(getattr(config, name))
         if theirs != ours:

@@ -192,7 +192,14 @@ class _Failed:
     re-raise it wrapped in its own multi-line traceback text, and the user must see featstore's one line."""
 
     def __init__(self, error: FeatstoreError):
-        self.error = error
+        self.error: FeatstoreError | None = error
+
+    def take(self) -> FeatstoreError:
+        """The error, no longer held here: raised from the loop that holds this object, a reference back would make
+        a cycle (error -> traceback -> frame -> this -> error) that keeps the DataLoader and its workers alive until
+        a garbage collection."""
+        error, self.error = self.error, None
+        return error
 
 
 class _Guarded(Dataset):
@@ -217,15 +224,18 @@ def _guarded_collate(batch: list):
 def _raise_failures(loader: DataLoader):
     for batch in loader:
         if isinstance(batch, _Failed):
-            raise batch.error
+            raise batch.take()
         yield batch
 
 
 def _loader(ds: Dataset, cfg: TrainConfig, device: torch.device, shuffle: bool) -> DataLoader:
+    """Workers end with each pass (not persistent): persistent ones outlive the run wherever a reference to the
+    loader lingers, and were then joined at interpreter exit after seconds of timeouts; a new pass forks them again
+    at a cost of milliseconds."""
     gen = torch.Generator().manual_seed(cfg.seed) if shuffle else None
     workers = min(cfg.num_workers, _cpus())
     return DataLoader(_Guarded(ds), batch_size=cfg.batch_size, shuffle=shuffle, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=device.type == "cuda", generator=gen,
+                      persistent_workers=False, pin_memory=device.type == "cuda", generator=gen,
                       collate_fn=_guarded_collate)
 
 
