@@ -91,7 +91,7 @@ def run(data: dict, arch: str, shuffle: bool):
     return _runs[arch, shuffle]
 
 
-# ---- the done-when of issue 9 -------------------------------------------------------------------------------------
+# ---- learning the planted signal, and not shuffled targets --------------------------------------------------------
 @pytest.mark.parametrize("arch", ["transformer", "linear"])
 def test_encoder_learns_the_planted_signal_and_not_shuffled_targets(data, arch):
     real, shuffled = run(data, arch, False).metrics, run(data, arch, True).metrics
