@@ -1,4 +1,6 @@
-"""The Algonauts 2023 subject folder: which images form which split, and where the fMRI lives.
+"""The Algonauts 2023 subject folder: which images form which split, where the fMRI and the ROI masks live, and the
+names of the hemispheres and ROI classes. The one definition of the layout: readers (extraction, Dataset, encoders,
+sweep) and the synthetic sample subject all ask here.
 
 Split names follow the legacy export: `train` = training_split/training_images, `synt` = test_split/test_images.
 """
@@ -15,6 +17,10 @@ log = logging.getLogger(__name__)
 
 SPLIT_DIRS = {"train": Path("training_split/training_images"), "synt": Path("test_split/test_images")}
 FMRI_DIR = Path("training_split/training_fmri")
+ROI_DIR = Path("roi_masks")
+HEMIS = ("lh", "rh")
+# the Algonauts 2023 ROI classes, in the challenge's order
+ROI_CLASSES = ("prf-visualrois", "floc-bodies", "floc-faces", "floc-places", "floc-words", "streams")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -29,7 +35,21 @@ class Subject:
 
     def fmri(self, hemi: str) -> Path:
         """Path of `{lh,rh}_training_fmri.npy` (rows follow the sorted training images)."""
-        return self.root / FMRI_DIR / f"{hemi}_training_fmri.npy"
+        return fmri_path(self.root, hemi)
+
+
+def fmri_path(root: Path, hemi: str) -> Path:
+    return Path(root) / FMRI_DIR / f"{hemi}_training_fmri.npy"
+
+
+def roi_mask_path(root: Path, hemi: str, cls: str) -> Path:
+    """`roi_masks/{hemi}.{class}_challenge_space.npy`: one ROI label per vertex."""
+    return Path(root) / ROI_DIR / f"{hemi}.{cls}_challenge_space.npy"
+
+
+def roi_mapping_path(root: Path, cls: str) -> Path:
+    """`roi_masks/mapping_{class}.npy`: the class's label -> ROI name dict (pickled)."""
+    return Path(root) / ROI_DIR / f"mapping_{cls}.npy"
 
 
 def _images_in(folder: Path) -> list[Path]:

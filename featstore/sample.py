@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from .devices import cpu_count
 from .errors import BadArgumentError
+from .layout import FMRI_DIR, HEMIS, ROI_CLASSES, ROI_DIR, SPLIT_DIRS, fmri_path, roi_mapping_path, roi_mask_path
 
 __all__ = [
     "IMAGE_SIZE",
@@ -53,11 +54,10 @@ ROI_MAPPINGS = {  # the Algonauts 2023 roi_masks/mapping_{class}.npy label sets,
     "streams": {0: "Unknown", 1: "early", 2: "midventral", 3: "midlateral", 4: "midparietal", 5: "ventral",
                 6: "lateral", 7: "parietal"},
 }
-ROI_CLASSES = tuple(ROI_MAPPINGS)
+assert tuple(ROI_MAPPINGS) == ROI_CLASSES  # the layout's classes, in its order
 ROI_NAMES = ROI_MAPPINGS["prf-visualrois"]
 N_DESCRIPTORS = 3 + 16 + 1  # mean RGB, 4x4 luminance map, edge energy
 SNR = 1.0  # per-vertex variance of the planted signal over that of the noise
-_HEMIS = ("lh", "rh")
 _LUMA = np.array([0.299, 0.587, 0.114])
 _POOL_MIN_IMAGES = 48  # fewer images than this are written in-process
 
@@ -102,10 +102,12 @@ def image_descriptors(images: np.ndarray) -> np.ndarray:
 
 _PRF, _BODIES, _FACES, _PLACES, _WORDS, _STREAMS = ROI_CLASSES
 # The synthetic cortex of a hemisphere: contiguous runs of vertices, in this order, each with its ROI memberships
-# ({class: label}; absent = 0). Some floc ROIs overlap, as in the real masks; the last run is in no ROI at all.
+# ({class: label}; absent = 0). ROIs of different classes overlap, as in the real masks: floc ROIs pairwise, and hV4
+# with EBA and OFA (a vertex in three ROIs of the rois_all readout); the last run is in no ROI at all.
 _SEGMENTS: tuple[dict[str, int], ...] = (
     *({_PRF: k, _STREAMS: 1} for k in range(1, 7)),  # V1v .. V3d, the early stream
-    {_PRF: 7, _STREAMS: 2}, {_STREAMS: 2}, {_STREAMS: 3}, {_STREAMS: 4},  # hV4, mid streams
+    {_PRF: 7, _STREAMS: 2}, {_PRF: 7, _BODIES: 1, _FACES: 1, _STREAMS: 2},  # hV4, hV4+EBA+OFA
+    {_STREAMS: 2}, {_STREAMS: 3}, {_STREAMS: 4},  # mid streams
     {_BODIES: 1, _STREAMS: 6}, {_BODIES: 1, _FACES: 1, _STREAMS: 6}, {_FACES: 1, _STREAMS: 6},  # EBA, EBA+OFA, OFA
     {_FACES: 2, _STREAMS: 5}, {_FACES: 2, _BODIES: 2, _STREAMS: 5}, {_BODIES: 2, _STREAMS: 5},  # FFA-1, +FBA-1
     {_FACES: 3, _STREAMS: 5}, {_FACES: 3, _WORDS: 2, _STREAMS: 5}, {_WORDS: 2, _STREAMS: 5},  # FFA-2, +VWFA-1
@@ -154,8 +156,9 @@ def planted_weights(n_vertices: int, seed: int, subj: str, hemi: str) -> np.ndar
       brightness does not drive it), centred in the area's quadrant: ventral areas (V1v, ...) see the upper half,
       dorsal ones the lower half, the left hemisphere the right half of the image and vice versa.
     - hV4 and the mid streams: a broad receptive field (sigma 1.5) in the hemifield plus 0.7 x the ROI's tuning.
-    - floc ROIs: global content only (mean R, G, B, edge energy): the sum of the tunings of the vertex's floc ROIs
-      (each a unit vector shared by the ROI, see ``_tuning``) plus 0.3 x per-vertex N(0, 1) jitter.
+    - floc ROIs (also where they overlap hV4): global content only (mean R, G, B, edge energy): the sum of the
+      tunings of the vertex's floc ROIs (each a unit vector shared by the ROI, see ``_tuning``) plus 0.3 x
+      per-vertex N(0, 1) jitter.
     - ventral / lateral / parietal stream vertices outside the floc ROIs: the stream's tuning plus the same jitter.
     - vertices in no ROI: N(0, 1) weights on all 20 descriptors.
     Per-vertex draws come from ``np.random.default_rng([seed, int(subj), hemi_id, 0])``.
@@ -173,7 +176,7 @@ def planted_weights(n_vertices: int, seed: int, subj: str, hemi: str) -> np.ndar
     for v in range(n_vertices):
         label, stream = int(prf[v]), int(streams[v])
         floc = [(c, int(rois[c][v])) for c in floc_classes if rois[c][v]]
-        if label or stream in (2, 3, 4):  # retinotopic: a receptive field over the luminance map
+        if (label or stream in (2, 3, 4)) and not floc:  # retinotopic: a receptive field over the luminance map
             sigma = _RF_SIGMA.get(label, _BROAD_SIGMA)
             row0, rows = ((0.0, 2.0) if label % 2 else (2.0, 2.0)) if 1 <= label <= 6 else (0.0, 4.0)
             r, c = row0 + rows * centre[0, v], col0 + 2.0 * centre[1, v]
@@ -194,9 +197,9 @@ def planted_weights(n_vertices: int, seed: int, subj: str, hemi: str) -> np.ndar
 
 
 def _hemi_id(hemi: str) -> int:
-    if hemi not in _HEMIS:
+    if hemi not in HEMIS:
         raise BadArgumentError(f"hemi must be 'lh' or 'rh', got {hemi!r}")
-    return _HEMIS.index(hemi)
+    return HEMIS.index(hemi)
 
 
 def planted_fmri(
@@ -454,15 +457,13 @@ def make_sample_subject(
     if subject.exists() and any(subject.iterdir()):
         if not overwrite:
             raise BadArgumentError(f"{subject} already exists and is not empty; pass overwrite=True to replace it")
-        for part in ("training_split", "test_split", "roi_masks"):
+        for part in (SPLIT_DIRS["train"].parts[0], SPLIT_DIRS["synt"].parts[0], ROI_DIR):
             shutil.rmtree(subject / part, ignore_errors=True)
 
     ids = np.random.default_rng([seed, int(subj), 0]).choice(N_NSD_IMAGES, n_train + n_test, replace=False)
     train_ids, test_ids = np.sort(ids[:n_train]), np.sort(ids[n_train:])
-    train_dir = subject / "training_split" / "training_images"
-    fmri_dir = subject / "training_split" / "training_fmri"
-    test_dir = subject / "test_split" / "test_images"
-    roi_dir = subject / "roi_masks"
+    train_dir, test_dir = subject / SPLIT_DIRS["train"], subject / SPLIT_DIRS["synt"]
+    fmri_dir, roi_dir = subject / FMRI_DIR, subject / ROI_DIR
     for d in (train_dir, fmri_dir, roi_dir) + ((test_dir,) if n_test else ()):
         d.mkdir(parents=True, exist_ok=True)
 
@@ -470,13 +471,13 @@ def make_sample_subject(
     jobs += [(str(test_dir / f"test-{i:04d}_nsd-{nsd:05d}.png"), int(nsd)) for i, nsd in enumerate(test_ids, 1)]
     train_desc = _write_images(jobs, seed, workers)[:n_train]
 
-    for hemi_id, (hemi, nv) in enumerate(zip(_HEMIS, n_vertices)):
+    for hemi_id, (hemi, nv) in enumerate(zip(HEMIS, n_vertices)):
         fmri, _ = planted_fmri(train_desc, nv, seed, subj, hemi)
-        np.save(fmri_dir / f"{hemi}_training_fmri.npy", fmri)
+        np.save(fmri_path(subject, hemi), fmri)
         for cls, labels in sample_rois(nv, seed, subj, hemi).items():
-            np.save(roi_dir / f"{hemi}.{cls}_challenge_space.npy", labels)
+            np.save(roi_mask_path(subject, hemi, cls), labels)
     for cls, mapping in ROI_MAPPINGS.items():
-        np.save(roi_dir / f"mapping_{cls}.npy", dict(mapping), allow_pickle=True)
+        np.save(roi_mapping_path(subject, cls), dict(mapping), allow_pickle=True)
 
     logger.info(
         "wrote sample subject %s: %d train + %d test images, %d/%d vertices, seed %d, in %.2f s",

@@ -5,8 +5,9 @@
         --data_dir DATA --encoder_arch transformer --readout_res rois_all
 
 Features are read lazily from the store (FeatureDataset + DataLoader workers); DATA holds subjXX/ (fMRI, ROI masks,
-the image folders the store was extracted from). Writes OUTPUT_PATH/metrics.json (validation r), roi_r.png,
-checkpoint.pt (the best validation epoch) and the Algonauts submission files lh_pred_test.npy / rh_pred_test.npy.
+the image folders the store was extracted from). Writes OUTPUT_PATH/metrics.json (validation r, val_perf),
+roi_r.png, checkpoint.pt (the epoch of best val_perf, if one beat 0) and the Algonauts submission files
+lh_pred_test.npy / rh_pred_test.npy. The model is the reference's by default; see the README, "Train an encoder".
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ PROG = "train_encoder"
 
 
 def build_parser() -> ArgumentParser:
-    from featstore.encoding.names import ENCODER_ARCHS, FEATURE_ALIASES
+    from featstore.encoding.names import ENCODER_ARCHS, FEATURE_ALIASES, POSITION_EMBEDDINGS
     from featstore.encoding.rois import READOUTS
 
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -36,6 +37,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr_drop", type=int, default=100, help="halve the learning rate every LR_DROP epochs (StepLR)")
     p.add_argument("--weight_decay", type=float, default=1e-4)
     p.add_argument("--clip_max_norm", type=float, default=0.1, help="gradient clipping (0: none)")
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers reading the store")
@@ -44,11 +46,21 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--output_path", default=None,
                    help="results folder (default: checkpoints/subjXX_FEATURE_ARCH_READOUT)")
     p.add_argument("--enc_layers", type=int, default=0, help="transformer encoder layers over the grid")
+    p.add_argument("--enc_output_layer", type=int, default=-1,
+                   help="which encoder layer feeds the decoder, a Python index (-1: the last); with --enc_layers > 0")
     p.add_argument("--dec_layers", type=int, default=1)
     p.add_argument("--nheads", type=int, default=16)
     p.add_argument("--hidden_dim", type=int, default=768)
     p.add_argument("--dim_feedforward", type=int, default=1024)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--pre_norm", type=int, default=1, choices=(0, 1),
+                   help="1: LayerNorm before each attention/FFN block (the reference default); 0: after")
+    p.add_argument("--position_embedding", default="sine", choices=POSITION_EMBEDDINGS,
+                   help="positions of the feature grid: DETR's 2-D sine encoding, or learned row/column embeddings")
+    p.add_argument("--query_self_attn", action="store_true",
+                   help="add self-attention among the queries to each decoder layer (DETR's layer; not the reference)")
+    p.add_argument("--resume", default=None, metavar="FILE",
+                   help="start from these weights: a featstore checkpoint.pt or the reference's checkpoint.pth")
     p.add_argument("--val_fraction", type=float, default=0.1, help="validation share of the training images")
     p.add_argument("--shuffle_targets", action="store_true",
                    help="control run: permute the training targets across images (validation r should be ~0)")
@@ -78,14 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         model = EncoderConfig(
             encoder_arch=args.encoder_arch, readout_res=args.readout_res, hidden_dim=args.hidden_dim,
             nheads=args.nheads, dec_layers=args.dec_layers, enc_layers=args.enc_layers,
-            dim_feedforward=args.dim_feedforward, dropout=args.dropout,
+            dim_feedforward=args.dim_feedforward, dropout=args.dropout, pre_norm=args.pre_norm,
+            position_embedding=args.position_embedding, enc_output_layer=args.enc_output_layer,
+            query_self_attn=args.query_self_attn,
         )
         cfg = TrainConfig(
             store=args.saved_feats_dir, data_dir=subject_dir(args.data_dir, subj), feature=feature, subj=subj,
             model=model, output_path=out, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-            weight_decay=args.weight_decay, clip_max_norm=args.clip_max_norm, num_workers=args.num_workers,
-            seed=args.seed, device=args.device, val_fraction=args.val_fraction,
-            shuffle_targets=args.shuffle_targets, progress=not args.no_progress,
+            lr_drop=args.lr_drop, weight_decay=args.weight_decay, clip_max_norm=args.clip_max_norm,
+            num_workers=args.num_workers, seed=args.seed, device=args.device, val_fraction=args.val_fraction,
+            shuffle_targets=args.shuffle_targets, resume=args.resume, progress=not args.no_progress,
         )
         result = train_encoder(cfg)
     except FeatstoreError as e:
@@ -97,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     m = {k: ("n/a" if v is None else f"{v:.4f}") if isinstance(v, (float, type(None))) else v
          for k, v in result.metrics.items()}
     print(f"{feature}/{subj} {args.encoder_arch} ({args.readout_res}): validation mean r lh {m['lh_mean_r']} "
-          f"rh {m['rh_mean_r']} (median {m['lh_median_r']} / {m['rh_median_r']}), best epoch "
-          f"{m['best_epoch']}/{m['epochs']}, {m['samples_per_s']} samples/s")
+          f"rh {m['rh_mean_r']} (median {m['lh_median_r']} / {m['rh_median_r']}), val_perf {m['val_perf']}, best "
+          f"epoch {m['best_epoch']}/{m['epochs']}, {m['samples_per_s']} samples/s")
     for path in result.files.values():
         print(f"wrote {path}")
     return 0

@@ -1,11 +1,13 @@
-"""The reference consumers of a feature store: brain encoders trained on stored features .
+"""The reference consumers of a feature store: brain encoders trained on stored features.
 
-ROI masks -> readout (rois.py) -> models (models.py) -> training loop (train.py) -> scores and files (metrics.py).
-Features are read only through `featstore.FeatureDataset`; nothing here knows how the store is laid out. Names load
-on first use, so the command line can check its flags without importing torch.
+ROI masks -> readout (rois.py) -> models (models.py) -> training loop (train.py) -> scores and files (metrics.py);
+checkpoint.py loads featstore's and the reference training code's checkpoints into the models.
+Features are read only through `featstore.FeatureDataset` (the checks before training ask the store's public
+`FeatureArray`); nothing here knows how the store is laid out. Names load on first use, so the command line can
+check its flags without importing torch.
 
-The layer sweep: which stored layer predicts which ROI. projection.py (the streamed, cached projection of each
-layer) -> ridge.py (himalaya's RidgeCV per layer) -> layerwise.py (`sweep`) -> sweep_report.py (files, figures).
+The layer sweep: which stored layer predicts which ROI. sweep_config.py -> projection.py (the streamed, cached
+projection of each layer) -> ridge.py (himalaya's RidgeCV per layer) -> layerwise.py (`sweep`) -> sweep_report.py.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from importlib import import_module
 
 _LAZY = {
     "ENCODER_ARCHS": "names",
+    "POSITION_EMBEDDINGS": "names",
     "FEATURE_ALIASES": "names",
     "READOUTS": "rois",
     "ROI_CLASSES": "rois",
@@ -24,10 +27,13 @@ _LAZY = {
     "LinearBrainEncoder": "models",
     "TransformerBrainEncoder": "models",
     "build_encoder": "models",
+    "LoadedCheckpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
     "pearson_r": "metrics",
     "plot_roi_r": "metrics",
     "save_submission": "metrics",
     "summarize": "metrics",
+    "val_perf": "metrics",
     "write_metrics": "metrics",
     "EncodingResult": "train",
     "EpochStats": "train",
@@ -35,7 +41,6 @@ _LAZY = {
     "TrainConfig": "train",
     "channels_last_collate": "train",
     "predict": "train",
-    "resolve_device": "train",
     "train_encoder": "train",
     "train_one_epoch": "train",
     "SweepConfig": "sweep_config",

@@ -25,6 +25,12 @@ def pearson_r(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
         return np.where(denom > 0, (p * t).sum(0) / np.where(denom > 0, denom, 1.0), np.nan)
 
 
+def val_perf(r: dict[str, np.ndarray]) -> float:
+    """The reference's model-selection score: (mean lh r + mean rh r) / 2 over all vertices, NaN r counted as 0 (a
+    constant prediction or target scores nothing rather than being left out)."""
+    return float((np.nan_to_num(r["lh"], nan=0.0).mean() + np.nan_to_num(r["rh"], nan=0.0).mean()) / 2)
+
+
 def _stat(fn, r: np.ndarray) -> float | None:
     r = r[np.isfinite(r)]
     return float(fn(r)) if r.size else None

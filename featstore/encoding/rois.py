@@ -3,19 +3,18 @@
 The transformer brain encoder gives each ROI of the chosen readout its own learned query, per hemisphere, plus one
 "rest" query for the vertices in none of them; each query is read out to the vertices of its ROI. This module turns
 the subject's `roi_masks/` files into those masks (numpy only, no torch), so models and metrics share one source.
+The query layout is the reference training code's (`main.py`), so that its checkpoints load query for query.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BadArgumentError, LayoutError
+from ..layout import HEMIS, ROI_CLASSES, ROI_DIR, roi_mapping_path, roi_mask_path
 
-HEMIS = ("lh", "rh")
-# the Algonauts 2023 ROI classes, in the challenge's order (roi_masks/{hemi}.{class}_challenge_space.npy)
-ROI_CLASSES = ("prf-visualrois", "floc-bodies", "floc-faces", "floc-places", "floc-words", "streams")
 # --readout_res -> the ROI classes whose ROIs get a query; "voxels" (a query per vertex) and "hemis" (one per
 # hemisphere) need no masks
 READOUTS: dict[str, tuple[str, ...]] = {
@@ -28,8 +27,12 @@ READOUTS: dict[str, tuple[str, ...]] = {
     "places": ("floc-places",),
     "words": ("floc-words",),
     "streams": ("streams",),
+    "streams_inc": ("streams",),
 }
-ROI_DIR = "roi_masks"
+# Readouts whose loss covers every vertex. The other ROI readouts (one class each) are trained on the vertices inside
+# that class's ROIs only: predictions and targets elsewhere are zeroed before the loss, as the reference does;
+# streams_inc is streams with every vertex in the loss ("inc": the rest query's vertices included).
+WHOLE_LOSS_READOUTS = ("rois_all", "streams_inc", "voxels", "hemis")
 
 
 @dataclass(frozen=True)
@@ -72,14 +75,14 @@ def load_rois(data_dir: str | Path, required: tuple[str, ...] = ROI_CLASSES) -> 
     labels: dict[str, dict[str, np.ndarray]] = {h: {} for h in HEMIS}
     names: dict[str, dict[int, str]] = {}
     for cls in ROI_CLASSES:
-        mapping = folder / f"mapping_{cls}.npy"
+        mapping = roi_mapping_path(data_dir, cls)
         if not mapping.is_file():
             if cls in required:
                 raise LayoutError(f"{folder}: missing {mapping.name}")
             continue
         names[cls] = {int(k): str(v) for k, v in np.load(mapping, allow_pickle=True).item().items()}
         for hemi in HEMIS:
-            f = folder / f"{hemi}.{cls}_challenge_space.npy"
+            f = roi_mask_path(data_dir, hemi, cls)
             if not f.is_file():
                 raise LayoutError(f"{folder}: missing {f.name}")
             lab = np.asarray(np.load(f)).astype(np.int64).reshape(-1)
@@ -96,12 +99,14 @@ def load_rois(data_dir: str | Path, required: tuple[str, ...] = ROI_CLASSES) -> 
 @dataclass(frozen=True)
 class Readout:
     """Which query reads out to which vertices. masks[hemi]: float32 (queries, n_vertices) 0/1, or None for
-    "voxels" (query i reads out to vertex i only); query_names[hemi] names the queries."""
+    "voxels" (query i reads out to vertex i only); query_names[hemi] names the queries. loss_masks[hemi]: bool
+    (n_vertices,) of the vertices the loss sees, or None for all of them (see WHOLE_LOSS_READOUTS)."""
 
     readout_res: str
     masks: dict[str, np.ndarray | None]
     query_names: dict[str, list[str]]
     n_vertices: dict[str, int]
+    loss_masks: dict[str, np.ndarray | None] = field(default_factory=lambda: {h: None for h in HEMIS})
 
     @property
     def num_queries(self) -> int:
@@ -111,14 +116,17 @@ class Readout:
 def make_readout(readout_res: str, n_vertices: dict[str, int], rois: SubjectRois | None = None) -> Readout:
     """The query layout of `readout_res` for hemispheres of n_vertices[hemi] vertices.
 
-    ROI readouts: one query per ROI label present in the hemisphere (label 0 "Unknown" is not an ROI), in class
-    and label order, then one "rest" query for the vertices in no ROI of those classes; overlapping ROIs both read
-    out to their shared vertices (the predictions are summed). Labels absent from a hemisphere get no query.
+    ROI readouts, as the reference lays them out: one query per label of the class mappings (label 0 "Unknown" is
+    not an ROI), in class and label order, then one "rest" query for the vertices in no ROI of those classes.
+    Overlapping ROIs both read out to their shared vertices (each query's prediction, bias included, is added).
+    A label absent from a hemisphere keeps its query with an empty mask: it predicts nothing, and the query count
+    (hence a reference checkpoint's query embeddings) stays the reference's.
     """
     if readout_res not in READOUTS:
         raise BadArgumentError(f"--readout_res {readout_res!r}: choose one of {', '.join(READOUTS)}")
     masks: dict[str, np.ndarray | None] = {}
     names: dict[str, list[str]] = {}
+    loss_masks: dict[str, np.ndarray | None] = {h: None for h in HEMIS}
     for hemi in HEMIS:
         nv = int(n_vertices[hemi])
         if readout_res == "voxels":
@@ -134,11 +142,13 @@ def make_readout(readout_res: str, n_vertices: dict[str, int], rois: SubjectRois
         for cls in READOUTS[readout_res]:
             lab = rois.labels[hemi][cls]
             for label, name in sorted(rois.names[cls].items()):
-                if label != 0 and (lab == label).any():
+                if label != 0:
                     rows.append(lab == label)
                     qnames.append(f"{hemi}_{name}")
         covered = np.any(rows, axis=0) if rows else np.zeros(nv, bool)
         rows.append(~covered)
         qnames.append(f"{hemi}_rest")
         masks[hemi], names[hemi] = np.stack(rows).astype(np.float32), qnames
-    return Readout(readout_res, masks, names, {h: int(n_vertices[h]) for h in HEMIS})
+        if readout_res not in WHOLE_LOSS_READOUTS:
+            loss_masks[hemi] = covered
+    return Readout(readout_res, masks, names, {h: int(n_vertices[h]) for h in HEMIS}, loss_masks)

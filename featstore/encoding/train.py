@@ -1,11 +1,14 @@
 """Training the reference encoders on a feature store: features reach the model only through FeatureDataset and a
-DataLoader (workers read samples lazily, the array is never loaded whole), the legacy 90/10 split, MSE loss, AdamW,
-gradient clipping, the best validation epoch kept; then validation scores, metrics.json, a plot and the test-split
-predictions in the Algonauts submission format."""
+DataLoader (workers read samples lazily, the array is never loaded whole), the legacy 90/10 split, the model's loss,
+AdamW, gradient clipping, StepLR halving, the epoch with the best val_perf kept; then validation scores,
+metrics.json, a plot and the test-split predictions in the Algonauts submission format.
+
+Before training: both arrays must be complete (their completion records), and the test split, read only at the end,
+has its checksums verified (it is small); every training chunk is read in the first epoch. A corrupt chunk stops the
+run with the store's one-line CorruptChunkError, also when a DataLoader worker met it."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -19,9 +22,12 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .._progress import tqdm
 from ..dataset import FeatureDataset, train_val_split
-from ..errors import BadArgumentError, NotFoundInStoreError
+from ..devices import cpu_count, resolve_device
+from ..errors import BadArgumentError, CorruptChunkError, FeatstoreError, NotFoundInStoreError
 from ..layout import SPLIT_DIRS, normalize_subj
-from .metrics import pearson_r, plot_roi_r, save_submission, summarize, write_metrics
+from ..storage import FeatureStore
+from .checkpoint import load_checkpoint
+from .metrics import pearson_r, plot_roi_r, save_submission, summarize, val_perf, write_metrics
 from .models import EncoderConfig, build_encoder
 from .names import FEATURE_ALIASES
 from .rois import HEMIS, READOUTS, ROI_DIR, SubjectRois, load_rois, make_readout
@@ -42,6 +48,7 @@ class TrainConfig:
     batch_size: int = 16
     epochs: int = 15
     lr: float = 5e-4
+    lr_drop: int = 100  # StepLR: the learning rate halves every lr_drop epochs
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
     num_workers: int = 4
@@ -49,10 +56,11 @@ class TrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     val_fraction: float = 0.1
     shuffle_targets: bool = False  # control run: training targets permuted across images, validation left intact
+    resume: str | Path | None = None  # start from these weights (a featstore or reference checkpoint)
     progress: bool = True
 
     def check(self) -> TrainConfig:
-        for name, low in (("batch_size", 1), ("epochs", 1), ("num_workers", 0)):
+        for name, low in (("batch_size", 1), ("epochs", 1), ("num_workers", 0), ("lr_drop", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise BadArgumentError(f"--{name} must be an integer >= {low}, got {v!r}")
@@ -99,25 +107,14 @@ class PermutedTargets(Dataset):
         return self.ds[i][0], self.ds.targets(int(self.perm[i]))
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BadArgumentError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        log.warning("--device %s: CUDA is not available, training on the CPU", device)
-        return torch.device("cpu")
-    return dev
-
-
 def _to(targets: dict, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in targets.items()}
 
 
-def encoding_loss(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
-    """MSE of both hemispheres, summed."""
+def encoding_loss(model: nn.Module, out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own loss (the encoders carry the reference's); MSE of both hemispheres, summed, for others."""
+    if hasattr(model, "loss"):
+        return model.loss(out, targets)
     return F.mse_loss(out["lh_f_pred"], targets["lh_f"]) + F.mse_loss(out["rh_f_pred"], targets["rh_f"])
 
 
@@ -129,7 +126,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
     t0 = time.perf_counter()
     for x, targets in batches:
         x, targets = x.to(device, non_blocking=True), _to(targets, device)
-        loss = encoding_loss(model(x), targets)
+        loss = encoding_loss(model, model(x), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip_max_norm > 0:
@@ -177,26 +174,84 @@ def channels_last_collate(batch: list):
     return default_collate([hwc(img) for img in batch]).permute(0, 3, 1, 2)
 
 
+class _Failed:
+    """A featstore error met while loading an item, carried to the main process as data: a DataLoader worker would
+    re-raise it wrapped in its own multi-line traceback text, and the user must see featstore's one line."""
+
+    def __init__(self, error: FeatstoreError):
+        self.error: FeatstoreError | None = error
+
+    def take(self) -> FeatstoreError:
+        """The error, no longer held here: raised from the loop that holds this object, a reference back would make
+        a cycle (error -> traceback -> frame -> this -> error) that keeps the DataLoader and its workers alive until
+        a garbage collection."""
+        error, self.error = self.error, None
+        return error
+
+
+class _Guarded(Dataset):
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.ds[i]
+        except FeatstoreError as e:
+            return _Failed(e)
+
+
+def _guarded_collate(batch: list):
+    failed = next((item for item in batch if isinstance(item, _Failed)), None)
+    return failed if failed is not None else channels_last_collate(batch)
+
+
+def _raise_failures(loader: DataLoader):
+    for batch in loader:
+        if isinstance(batch, _Failed):
+            raise batch.take()
+        yield batch
+
+
 def _loader(ds: Dataset, cfg: TrainConfig, device: torch.device, shuffle: bool) -> DataLoader:
+    """Workers end with each pass (not persistent): persistent ones outlive the run wherever a reference to the
+    loader lingers, and were then joined at interpreter exit after seconds of timeouts; a new pass forks them again
+    at a cost of milliseconds."""
     gen = torch.Generator().manual_seed(cfg.seed) if shuffle else None
-    workers = min(cfg.num_workers, _cpus())
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=device.type == "cuda", generator=gen,
-                      collate_fn=channels_last_collate)
+    workers = min(cfg.num_workers, cpu_count())
+    return DataLoader(_Guarded(ds), batch_size=cfg.batch_size, shuffle=shuffle, num_workers=workers,
+                      persistent_workers=False, pin_memory=device.type == "cuda", generator=gen,
+                      collate_fn=_guarded_collate)
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _mean_r(r: dict[str, np.ndarray]) -> float:
-    both = np.concatenate([r[h] for h in HEMIS])
-    both = both[np.isfinite(both)]
-    return float(both.mean()) if both.size else float("nan")
+def _check_arrays(store, feature: str, subj: str, test: bool) -> None:
+    """Both splits complete; the test split's chunks decode and pass their checksums (it is read only after
+    training, and small). A corrupt chunk raises the same one line as any other read of it."""
+    fs = store if isinstance(store, FeatureStore) else FeatureStore(store, mode="r")
+    train = fs.get(feature, subj, "train")
+    train.require_complete("training an encoder on it")
+    if not test:
+        return
+    synt = fs.get(feature, subj, "synt")
+    synt.require_complete("training an encoder on it (its test predictions are the submission)")
+    corrupt = synt.verify().corrupt
+    if corrupt:
+        first, _ = synt.chunk_range(corrupt[0])
+        synt.read_sample(first)  # raises the store's CorruptChunkError line for that chunk
+        raise CorruptChunkError(
+            f"{synt.path}: chunk {corrupt[0]} is corrupt (a sample reads as never written); run `featstore verify "
+            f"--repair {fs.location}`, then rerun the extract command to recompute it"
+        )
 
 
 def train_encoder(config: TrainConfig) -> EncodingResult:
-    """Train, keep the best validation epoch, score it, predict the test split and write the files of the run."""
+    """Train, keep the epoch of best val_perf, score it, predict the test split and write the files of the run.
+
+    An epoch is the best only if its val_perf beats every earlier one and 0 (the reference's rule): a model never
+    better than 0 keeps no checkpoint, and its scores and test predictions are the last epoch's.
+    """
     cfg = config.check()
     feature = FEATURE_ALIASES.get(cfg.feature, cfg.feature)
     subj = normalize_subj(cfg.subj)
@@ -213,6 +268,7 @@ def train_encoder(config: TrainConfig) -> EncodingResult:
     except NotFoundInStoreError:
         test_ds = None
         log.warning("%s has no %s/%s/synt array: no test predictions", cfg.store, feature, subj)
+    _check_arrays(cfg.store, feature, subj, test=test_ds is not None)
     train_idx, val_idx = train_val_split(len(full), cfg.val_fraction)
     if len(train_idx) < 1 or len(val_idx) < 2:
         raise BadArgumentError(f"{len(full)} training images give {len(val_idx)} for validation; at least 2 are needed")
@@ -221,45 +277,57 @@ def train_encoder(config: TrainConfig) -> EncodingResult:
     if rois is not None:
         rois.check_vertices(full.n_vertices)
     readout = make_readout(cfg.model.readout_res, full.n_vertices, rois)
-    model = build_encoder(cfg.model, full.channels, full.grid, readout).to(device)
+    model = build_encoder(cfg.model, full.channels, full.grid, readout)
+    if cfg.resume is not None:
+        load_checkpoint(cfg.resume, model)
+    model = model.to(device)
     train_ds: Dataset = dataset(indices=train_idx)
     if cfg.shuffle_targets:
         train_ds = PermutedTargets(train_ds, np.random.default_rng(cfg.seed).permutation(len(train_ds)))
     train_loader = _loader(train_ds, cfg, device, shuffle=True)
     val_loader = _loader(dataset(indices=val_idx), cfg, device, shuffle=False)
-    if cfg.num_workers > _cpus():
+    if cfg.num_workers > cpu_count():
         log.info("--num_workers %d: this machine has %d CPUs, so %d loader workers per DataLoader", cfg.num_workers,
-                 _cpus(), _cpus())
+                 cpu_count(), cpu_count())
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=0.5)
     log.info("training %s/%s on %s: %d train, %d val images, %s readout with %d queries, %d parameters, on %s",
              cfg.model.encoder_arch, feature, subj, len(train_idx), len(val_idx), cfg.model.readout_res,
              readout.num_queries, sum(p.numel() for p in model.parameters()), device)
 
-    history, best_r, best_epoch, best_state = [], -np.inf, 0, None
+    history, best_perf, best_epoch, best_state = [], 0.0, None, None
     samples, seconds = 0, 0.0
     for epoch in range(1, cfg.epochs + 1):
         with tqdm(total=len(train_ds), desc=f"epoch {epoch}/{cfg.epochs}", unit="samples", disable=not cfg.progress,
                   leave=False, dynamic_ncols=True) as bar:
-            stats = train_one_epoch(model, train_loader, optimizer, device, cfg.clip_max_norm, bar)
+            stats = train_one_epoch(model, _raise_failures(train_loader), optimizer, device, cfg.clip_max_norm, bar)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
         samples, seconds = samples + stats.samples, seconds + stats.seconds
-        pred, target = predict(model, val_loader, device)
-        r = _mean_r({h: pearson_r(pred[h], target[h]) for h in HEMIS})
-        history.append({"epoch": epoch, "train_loss": stats.loss, "val_mean_r": r, "samples_per_s": stats.samples_per_s})
-        log.info("epoch %d/%d: train loss %.4f, validation mean r %.4f, %.1f samples/s", epoch, cfg.epochs,
-                 stats.loss, r, stats.samples_per_s)
-        if best_state is None or r > best_r:
-            best_r, best_epoch = r, epoch
+        pred, target = predict(model, _raise_failures(val_loader), device)
+        r = {h: pearson_r(pred[h], target[h]) for h in HEMIS}
+        perf = val_perf(r)
+        history.append({"epoch": epoch, "lr": lr, "train_loss": stats.loss, "val_perf": perf,
+                        "val_mean_r": summarize(r)["mean_r"], "samples_per_s": stats.samples_per_s})
+        log.info("epoch %d/%d: train loss %.4f, val_perf %.4f, %.1f samples/s", epoch, cfg.epochs, stats.loss, perf,
+                 stats.samples_per_s)
+        if perf > best_perf:
+            best_perf, best_epoch = perf, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        log.warning("no epoch reached a val_perf above 0 (last: %.4f): no checkpoint is kept; the scores and test "
+                    "predictions are the last epoch's", history[-1]["val_perf"])
 
-    pred, target = predict(model, val_loader, device)
+    pred, target = predict(model, _raise_failures(val_loader), device)
     val_r = {h: pearson_r(pred[h], target[h]) for h in HEMIS}
     test_pred = None
     if test_ds is not None:
-        test_pred, _ = predict(model, _loader(test_ds, cfg, device, shuffle=False), device)
+        test_pred, _ = predict(model, _raise_failures(_loader(test_ds, cfg, device, shuffle=False)), device)
 
     metrics = {
-        **summarize(val_r, rois),
+        **summarize(val_r, rois), "val_perf": val_perf(val_r),
         "feature": feature, "subj": subj, "encoder_arch": cfg.model.encoder_arch,
         "readout_res": cfg.model.readout_res, "num_queries": readout.num_queries if cfg.model.encoder_arch ==
         "transformer" else None, "n_train": len(train_idx), "n_val": len(val_idx),
@@ -279,9 +347,14 @@ def _write_outputs(cfg: TrainConfig, metrics: dict, model: nn.Module, test_pred:
     out.mkdir(parents=True, exist_ok=True)
     files = {"metrics": write_metrics(out / "metrics.json", metrics)}
     ckpt = out / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "model_config": cfg.model.to_dict(), "epoch": metrics["best_epoch"],
-                "feature": metrics["feature"], "subj": metrics["subj"], "mean_r": metrics["mean_r"]}, ckpt)
-    files["checkpoint"] = ckpt
+    if metrics["best_epoch"] is None and ckpt.exists():  # an earlier run's, which did not make these predictions
+        ckpt.unlink()
+        log.info("removed %s of an earlier run", ckpt)
+    if metrics["best_epoch"] is not None:
+        torch.save({"model": model.state_dict(), "model_config": cfg.model.to_dict(), "epoch": metrics["best_epoch"],
+                    "feature": metrics["feature"], "subj": metrics["subj"], "val_perf": metrics["val_perf"],
+                    "mean_r": metrics["mean_r"]}, ckpt)
+        files["checkpoint"] = ckpt
     if rois is not None:
         title = f"{metrics['feature']} {cfg.model.encoder_arch} ({cfg.model.readout_res}), subj {metrics['subj']}"
         try:
