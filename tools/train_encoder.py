@@ -15,56 +15,31 @@ import logging
 import sys
 from pathlib import Path
 
-from featstore.cli import ArgumentParser
 from featstore.errors import FeatstoreError, LayoutError
+from featstore.flags import ArgumentParser, add_config_args, config_from_args
 from featstore.layout import normalize_subj
 
 PROG = "train_encoder"
 
 
 def build_parser() -> ArgumentParser:
-    from featstore.encoding.names import ENCODER_ARCHS, FEATURE_ALIASES, POSITION_EMBEDDINGS
-    from featstore.encoding.rois import READOUTS
+    """The guide's `main.py` flags: the store and subject ones here, the model's and the run's from EncoderConfig
+    and TrainConfig (names, defaults and help texts defined once, there)."""
+    from featstore.encoding.config import EncoderConfig, TrainConfig
+    from featstore.encoding.names import FEATURE_ALIASES
 
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--subj", default="1", help="subject number, 1 or 01")
     p.add_argument("--saved_feats", default="dinov2q",
-                   help=f"{'|'.join(FEATURE_ALIASES)} (= {', '.join(FEATURE_ALIASES.values())}) or any stored feature")
+                   help=f"stored feature: {', '.join(FEATURE_ALIASES)} (= {', '.join(FEATURE_ALIASES.values())}) or "
+                        "any feature name in the store")
     p.add_argument("--saved_feats_dir", required=True, help="the featstore Zarr store")
     p.add_argument("--data_dir", required=True, help="the folder holding subjXX/ (a subject folder itself also works)")
-    p.add_argument("--encoder_arch", default="transformer", choices=ENCODER_ARCHS)
-    p.add_argument("--readout_res", default="rois_all", choices=tuple(READOUTS))
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lr_drop", type=int, default=100, help="halve the learning rate every LR_DROP epochs (StepLR)")
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--clip_max_norm", type=float, default=0.1, help="gradient clipping (0: none)")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers reading the store")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     p.add_argument("--output_path", default=None,
-                   help="results folder (default: checkpoints/subjXX_FEATURE_ARCH_READOUT)")
-    p.add_argument("--enc_layers", type=int, default=0, help="transformer encoder layers over the grid")
-    p.add_argument("--enc_output_layer", type=int, default=-1,
-                   help="which encoder layer feeds the decoder, a Python index (-1: the last); with --enc_layers > 0")
-    p.add_argument("--dec_layers", type=int, default=1)
-    p.add_argument("--nheads", type=int, default=16)
-    p.add_argument("--hidden_dim", type=int, default=768)
-    p.add_argument("--dim_feedforward", type=int, default=1024)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--pre_norm", type=int, default=1, choices=(0, 1),
-                   help="1: LayerNorm before each attention/FFN block (the reference default); 0: after")
-    p.add_argument("--position_embedding", default="sine", choices=POSITION_EMBEDDINGS,
-                   help="positions of the feature grid: DETR's 2-D sine encoding, or learned row/column embeddings")
-    p.add_argument("--query_self_attn", action="store_true",
-                   help="add self-attention among the queries to each decoder layer (DETR's layer; not the reference)")
-    p.add_argument("--resume", default=None, metavar="FILE",
-                   help="start from these weights: a featstore checkpoint.pt or the reference's checkpoint.pth")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="validation share of the training images")
-    p.add_argument("--shuffle_targets", action="store_true",
-                   help="control run: permute the training targets across images (validation r should be ~0)")
-    p.add_argument("--no_progress", action="store_true", help="no per-epoch progress bars")
+                   help="folder for metrics.json, roi_r.png, checkpoint.pt and the submission files (default: "
+                        "checkpoints/subjXX_FEATURE_ARCH_READOUT)")
+    add_config_args(p, EncoderConfig)
+    add_config_args(p, TrainConfig)
     return p
 
 
@@ -80,30 +55,19 @@ def subject_dir(data_dir: str, subj: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from featstore.encoding.models import EncoderConfig
+        from featstore.encoding.config import EncoderConfig, TrainConfig
         from featstore.encoding.names import FEATURE_ALIASES
-        from featstore.encoding.train import TrainConfig, train_encoder
+        from featstore.encoding.train import train_encoder
 
         subj = normalize_subj(args.subj)
         feature = FEATURE_ALIASES.get(args.saved_feats, args.saved_feats)
         out = args.output_path or f"checkpoints/subj{subj}_{feature}_{args.encoder_arch}_{args.readout_res}"
-        model = EncoderConfig(
-            encoder_arch=args.encoder_arch, readout_res=args.readout_res, hidden_dim=args.hidden_dim,
-            nheads=args.nheads, dec_layers=args.dec_layers, enc_layers=args.enc_layers,
-            dim_feedforward=args.dim_feedforward, dropout=args.dropout, pre_norm=args.pre_norm,
-            position_embedding=args.position_embedding, enc_output_layer=args.enc_output_layer,
-            query_self_attn=args.query_self_attn,
-        )
-        cfg = TrainConfig(
-            store=args.saved_feats_dir, data_dir=subject_dir(args.data_dir, subj), feature=feature, subj=subj,
-            model=model, output_path=out, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-            lr_drop=args.lr_drop, weight_decay=args.weight_decay, clip_max_norm=args.clip_max_norm,
-            num_workers=args.num_workers, seed=args.seed, device=args.device, val_fraction=args.val_fraction,
-            shuffle_targets=args.shuffle_targets, resume=args.resume, progress=not args.no_progress,
-        )
+        cfg = config_from_args(TrainConfig, args, store=args.saved_feats_dir, feature=feature, subj=subj,
+                               data_dir=subject_dir(args.data_dir, subj), output_path=out,
+                               model=config_from_args(EncoderConfig, args))
         result = train_encoder(cfg)
     except FeatstoreError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e.cli_message()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

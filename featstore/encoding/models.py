@@ -14,83 +14,17 @@ float32; under `torch.autocast` on CUDA the matrix products then run in autocast
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BadArgumentError
-from .names import ENCODER_ARCHS, POSITION_EMBEDDINGS
-from .rois import HEMIS, READOUTS, Readout
+from .config import EncoderConfig
+from .rois import HEMIS, Readout
 
 LINEAR_L2 = 0.02  # the linear baseline's penalty on the L2 norms of its readout tensors
 LEARNED_POSITIONS = 50  # rows and columns of the learned position embedding (DETR's PositionEmbeddingLearned)
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Model hyper-parameters, named and defaulted as the reference `main.py` flags.
-
-    pre_norm: 1 normalises before each block (the reference default), 0 after. enc_output_layer: which of the
-    enc_layers transformer encoder layers feeds the decoder (a Python index, -1 the last). query_self_attn: add
-    DETR's self-attention among the queries to every decoder layer (not in the reference; off by default).
-    """
-
-    encoder_arch: str = "transformer"
-    readout_res: str = "rois_all"
-    hidden_dim: int = 768
-    nheads: int = 16
-    dec_layers: int = 1
-    enc_layers: int = 0
-    dim_feedforward: int = 1024
-    dropout: float = 0.1
-    pre_norm: int = 1
-    position_embedding: str = "sine"
-    enc_output_layer: int = -1
-    query_self_attn: bool = False
-    linear_channels: int = 256  # the linear baseline's 3x3 convolution
-
-    def check(self) -> EncoderConfig:
-        if self.encoder_arch not in ENCODER_ARCHS:
-            raise BadArgumentError(f"--encoder_arch {self.encoder_arch!r}: choose one of {', '.join(ENCODER_ARCHS)}")
-        if self.readout_res not in READOUTS:
-            raise BadArgumentError(f"--readout_res {self.readout_res!r}: choose one of {', '.join(READOUTS)}")
-        if self.position_embedding not in POSITION_EMBEDDINGS:
-            raise BadArgumentError(
-                f"--position_embedding {self.position_embedding!r}: choose one of {', '.join(POSITION_EMBEDDINGS)}"
-            )
-        if self.pre_norm not in (0, 1):
-            raise BadArgumentError(f"--pre_norm must be 0 or 1, got {self.pre_norm!r}")
-        for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "linear_channels"):
-            if int(getattr(self, name)) < 1:
-                raise BadArgumentError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.enc_layers < 0:
-            raise BadArgumentError(f"--enc_layers must be >= 0, got {self.enc_layers}")
-        if self.enc_layers and not -self.enc_layers <= self.enc_output_layer < self.enc_layers:
-            raise BadArgumentError(
-                f"--enc_output_layer {self.enc_output_layer}: with --enc_layers {self.enc_layers} give "
-                f"0..{self.enc_layers - 1} (or -{self.enc_layers}..-1 from the end)"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise BadArgumentError(f"--dropout must be in [0, 1), got {self.dropout}")
-        quarter = self.position_embedding == "sine"
-        if self.encoder_arch == "transformer" and (self.hidden_dim % self.nheads or self.hidden_dim % (4 if quarter else 2)):
-            why = ("the 2-D sine encoding gives a quarter of the channels to each of sin y, cos y, sin x, cos x"
-                   if quarter else "the learned encoding gives half the channels to rows, half to columns")
-            raise BadArgumentError(
-                f"--hidden_dim {self.hidden_dim} must be a multiple of --nheads ({self.nheads}) and of "
-                f"{4 if quarter else 2} ({why})"
-            )
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EncoderConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def sine_position_encoding(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,47 +27,13 @@ from ..errors import BadArgumentError, CorruptChunkError, FeatstoreError, NotFou
 from ..layout import SPLIT_DIRS, normalize_subj
 from ..storage import FeatureStore
 from .checkpoint import load_checkpoint
+from .config import TrainConfig
 from .metrics import pearson_r, plot_roi_r, save_submission, summarize, val_perf, write_metrics
-from .models import EncoderConfig, build_encoder
+from .models import build_encoder
 from .names import FEATURE_ALIASES
 from .rois import HEMIS, READOUTS, ROI_DIR, SubjectRois, load_rois, make_readout
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """One training run. store/feature/subj pick the array, data_dir is the subject folder (fMRI, ROI masks)."""
-
-    store: str | Path
-    data_dir: str | Path
-    feature: str = "dinov2_q_last"
-    subj: str | int = "01"  # 1, 01 and subj01 all name subject 01
-    model: EncoderConfig = field(default_factory=EncoderConfig)
-    output_path: str | Path | None = None  # metrics.json, roi_r.png, checkpoint.pt, {lh,rh}_pred_test.npy
-    batch_size: int = 16
-    epochs: int = 15
-    lr: float = 5e-4
-    lr_drop: int = 100  # StepLR: the learning rate halves every lr_drop epochs
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
-    num_workers: int = 4
-    seed: int = 0
-    device: str | None = None  # None: cuda when available, else cpu
-    val_fraction: float = 0.1
-    shuffle_targets: bool = False  # control run: training targets permuted across images, validation left intact
-    resume: str | Path | None = None  # start from these weights (a featstore or reference checkpoint)
-    progress: bool = True
-
-    def check(self) -> TrainConfig:
-        for name, low in (("batch_size", 1), ("epochs", 1), ("num_workers", 0), ("lr_drop", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise BadArgumentError(f"--{name} must be an integer >= {low}, got {v!r}")
-        if not self.lr > 0 or self.weight_decay < 0 or self.clip_max_norm < 0:
-            raise BadArgumentError("--lr must be > 0, --weight_decay and --clip_max_norm >= 0")
-        self.model.check()
-        return self
 
 
 @dataclass
