@@ -25,6 +25,7 @@ _LAZY = {
     "train_val_split": "dataset",
     "feature_stats": "stats.reduce",
     "load_feature_stats": "stats.persist",
+    "sweep": "encoding.layerwise",
     **dict.fromkeys(("format_info", "format_stats", "plot_stats", "plot_token_maps", "pca_rgb"), "stats.report"),
 }
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadArgumentError
+from ..table import format_table as format_rows
 from .rois import HEMIS, SubjectRois
 
 log = logging.getLogger(__name__)
@@ -99,16 +100,15 @@ def _roi_r(feat: dict, name: str) -> float | None:
 
 def format_table(summary: dict[str, Any]) -> str:
     """The best feature per ROI (mean validation r over the ROI's vertices of both hemispheres), with the runner-up."""
-    rows = [("class", "roi", "vertices", "best feature", "r", "runner-up (r)")]
+    rows = []
     for name, b in summary["best_feature_per_roi"].items():
         up = f"{b['runner_up']} ({_fmt(b['runner_up_r'])})" if b["runner_up"] else "-"
         rows.append((b["class"], name, str(b["n"]), b["feature"], _fmt(b["r"]), up))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    table = format_rows(rows, ("class", "roi", "vertices", "best feature", "r", "runner-up (r)"), rule=False)
     n = len(summary["features"])
     head = (f"best feature per ROI, of {n} feature{'s' * (n > 1)} (mean validation r, both hemispheres; "
             f"{summary['split']['train']} training / {summary['split']['val']} validation images, dims {summary['dims']})")
-    return head + "\n" + "\n".join(lines)
+    return head + "\n" + table
 
 
 def _fmt(v: float | None) -> str:
