@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featstore import sample
+from featstore import sample_images
 from featstore.errors import BadArgumentError, FeatstoreError
 from featstore.sample import (
     ROI_CLASSES,
@@ -156,7 +156,7 @@ def test_planted_signal_differs_by_roi(big):
 
 
 def test_workers_do_not_change_output(tmp_path, monkeypatch):
-    monkeypatch.setattr(sample, "_POOL_MIN_IMAGES", 2)
+    monkeypatch.setattr(sample_images, "_POOL_MIN_IMAGES", 2)
     one = make_sample_subject(tmp_path / "one", n_train=6, n_test=2, workers=1)
     two = make_sample_subject(tmp_path / "two", n_train=6, n_test=2, workers=2)
     files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
