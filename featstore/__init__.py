@@ -5,7 +5,7 @@ such as `featstore info`) never import torch or dask.
 """
 from __future__ import annotations
 
-from importlib import import_module
+from ._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -32,12 +32,7 @@ _LAZY = {
 __all__ = [*sorted(_LAZY), "__version__"]  # noqa: PLE0604
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'featstore' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:

@@ -11,7 +11,7 @@ projection of each layer) -> ridge.py (himalaya's RidgeCV per layer) -> layerwis
 """
 from __future__ import annotations
 
-from importlib import import_module
+from .._lazy import lazy_getattr
 
 _LAZY = {
     "ENCODER_ARCHS": "names",
@@ -52,7 +52,4 @@ _LAZY = {
 __all__ = [*_LAZY]  # noqa: PLE0604
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'featstore.encoding' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -4,7 +4,7 @@ same units as dask tasks); launcher.py reads SLURM/torchrun shares; images.py ch
 Names load on first use, so the command line builds its parser from ExtractConfig without PIL or torch."""
 from __future__ import annotations
 
-from importlib import import_module
+from .._lazy import lazy_getattr
 
 _LAZY = {"extract": "api", "ExtractConfig": "config", "ExtractResult": "plan", "PlannedArray": "plan",
          "SplitSummary": "plan"}
@@ -12,9 +12,4 @@ _LAZY = {"extract": "api", "ExtractConfig": "config", "ExtractResult": "plan", "
 __all__ = [*sorted(_LAZY)]  # noqa: PLE0604
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

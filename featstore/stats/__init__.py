@@ -2,7 +2,7 @@
 next to the array (persist.py), tables and figures (report.py). Loaded on first use: the tables need no dask."""
 from __future__ import annotations
 
-from importlib import import_module
+from .._lazy import lazy_getattr
 
 _LAZY = {
     "feature_stats": "reduce",
@@ -15,9 +15,4 @@ _LAZY = {
 __all__ = [*sorted(_LAZY)]  # noqa: PLE0604
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'featstore.stats' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
