@@ -121,6 +121,11 @@ async def _alist(agen) -> list[str]:
     return [k async for k in agen]
 
 
+def list_prefix(store: zarr.abc.store.Store, prefix: str) -> list[str]:
+    """Every key under `prefix` (full keys)."""
+    return run(_alist(store.list_prefix(prefix)))
+
+
 def list_dir(store: zarr.abc.store.Store, prefix: str) -> list[str]:
     return run(_alist(store.list_dir(prefix)))
 

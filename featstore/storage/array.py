@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from ..errors import CorruptChunkError, IncompleteArrayError
-from ._zarr_compat import codec_steps, decoder, encoder, fsync_all, io_pool, put_file, run
+from ._zarr_compat import codec_steps, decoder, encoder, fsync_all, io_pool, list_prefix, put_file, run
 from .completion import CompletionRecord, WriterLock
 from .schema import ATTR_KEY, split_path
 
@@ -295,8 +295,9 @@ class FeatureArray:
         }
 
     def nbytes_stored(self) -> int:
-        """Bytes of everything under the array: its units (done or not), metadata and completion record."""
-        return int(run(self.store.zstore.getsize_prefix(self.path)))
+        """Bytes of everything under the array: its units (done or not), metadata and completion record. A file
+        that a concurrent writer (another --shard) renames away while it is counted (its temp file) counts 0."""
+        return int(run(_sizes(self.store.zstore, list_prefix(self.store.zstore, f"{self.path}/"))))
 
     def nbytes_units(self, units: list[int]) -> int:
         """Stored bytes of these units' objects (a missing one counts 0): one stat each on a local disk."""
