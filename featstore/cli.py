@@ -213,6 +213,7 @@ the usual sequence:
   featstore info features.zarr                                what is stored, how complete, how compressed
   featstore export-npy --store features.zarr --output_dir npy   legacy npy/dinov2_q_last/01/{train,synt}.npy
   featstore stats features.zarr --feature dinov2_q_last --plot stats.png
+  featstore sweep features.zarr --data_dir DATA/subj01 --output_dir sweep   which stored layer predicts which ROI
   featstore.FeatureDataset("features.zarr", ...)              in Python: a lazy torch Dataset for training
 
 Try it offline in about a minute: featstore demo. Every flag is also accepted with - for _ (--data-dir).
