@@ -71,7 +71,7 @@ def read_checkpoint(path: str | Path) -> dict:
     """The checkpoint file as a dict, loaded with weights_only=True (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise BadArgumentError(f"--resume {path}: no such file")
+        raise BadArgumentError(f"{path}: no such file", param="resume")
     try:
         if hasattr(torch.serialization, "safe_globals"):
             with torch.serialization.safe_globals(_safe_globals()):
@@ -81,16 +81,16 @@ def read_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if not found:
-            raise BadArgumentError(f"--resume {path}: not a readable torch checkpoint ({one_line(e)})") from None
+            raise BadArgumentError(f"{path}: not a readable torch checkpoint ({one_line(e)})", param="resume") from None
         what = f"it needs {found.group(1)}"
         raise BadArgumentError(
             f"--resume {path}: not loaded, it holds more than tensors and plain values ({what}); only "
             "argparse.Namespace and numpy scalars are allowed besides (torch >= 2.5 for those)"
         ) from None
     except Exception as e:  # noqa: BLE001 - not a torch file, truncated, ...: one line naming the file
-        raise BadArgumentError(f"--resume {path}: not a readable torch checkpoint ({one_line(e)})") from None
+        raise BadArgumentError(f"{path}: not a readable torch checkpoint ({one_line(e)})", param="resume") from None
     if not isinstance(ckpt, dict):
-        raise BadArgumentError(f"--resume {path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+        raise BadArgumentError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict", param="resume")
     return ckpt
 
 
@@ -102,7 +102,7 @@ def load_checkpoint(path: str | Path, model: nn.Module) -> LoadedCheckpoint:
     ckpt = read_checkpoint(path)
     state = ckpt.get("model", ckpt)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadArgumentError(f"--resume {path}: no state dict of tensors under 'model'")
+        raise BadArgumentError(f"{path}: no state dict of tensors under 'model'", param="resume")
     reference = "args" in ckpt or any(k.startswith(("transformer.", "lh_embed.0.", _BACKBONE)) for k in state)
     if reference:
         args = ckpt.get("args")
@@ -143,7 +143,7 @@ def _compare(path: Path, settings: dict, config: EncoderConfig, names: tuple[str
         if theirs != ours:
             diffs.append(f"--{name} {theirs} (this run: {ours})")
     if diffs:
-        raise BadArgumentError(f"--resume {path} was trained with {', '.join(diffs)}; give the same model flags")
+        raise BadArgumentError(f"{path} was trained with {', '.join(diffs)}; give the same model flags", param="resume")
 
 
 def _plain(v):

@@ -39,27 +39,27 @@ class EncoderConfig:
 
     def check(self) -> EncoderConfig:
         if self.encoder_arch not in ENCODER_ARCHS:
-            raise BadArgumentError(f"--encoder_arch {self.encoder_arch!r}: choose one of {', '.join(ENCODER_ARCHS)}")
+            raise BadArgumentError(f"{self.encoder_arch!r}: choose one of {', '.join(ENCODER_ARCHS)}", param="encoder_arch")
         if self.readout_res not in READOUTS:
-            raise BadArgumentError(f"--readout_res {self.readout_res!r}: choose one of {', '.join(READOUTS)}")
+            raise BadArgumentError(f"{self.readout_res!r}: choose one of {', '.join(READOUTS)}", param="readout_res")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise BadArgumentError(
                 f"--position_embedding {self.position_embedding!r}: choose one of {', '.join(POSITION_EMBEDDINGS)}"
             )
         if self.pre_norm not in (0, 1):
-            raise BadArgumentError(f"--pre_norm must be 0 or 1, got {self.pre_norm!r}")
+            raise BadArgumentError(f"must be 0 or 1, got {self.pre_norm!r}", param="pre_norm")
         for name in ("hidden_dim", "nheads", "dec_layers", "dim_feedforward", "linear_channels"):
             if int(getattr(self, name)) < 1:
                 raise BadArgumentError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.enc_layers < 0:
-            raise BadArgumentError(f"--enc_layers must be >= 0, got {self.enc_layers}")
+            raise BadArgumentError(f"must be >= 0, got {self.enc_layers}", param="enc_layers")
         if self.enc_layers and not -self.enc_layers <= self.enc_output_layer < self.enc_layers:
             raise BadArgumentError(
                 f"--enc_output_layer {self.enc_output_layer}: with --enc_layers {self.enc_layers} give "
                 f"0..{self.enc_layers - 1} (or -{self.enc_layers}..-1 from the end)"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise BadArgumentError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise BadArgumentError(f"must be in [0, 1), got {self.dropout}", param="dropout")
         quarter = self.position_embedding == "sine"
         if self.encoder_arch == "transformer" and (self.hidden_dim % self.nheads or self.hidden_dim % (4 if quarter else 2)):
             why = ("the 2-D sine encoding gives a quarter of the channels to each of sin y, cos y, sin x, cos x"
@@ -110,6 +110,6 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise BadArgumentError(f"--{name} must be an integer >= {low}, got {v!r}")
         if not self.lr > 0 or self.weight_decay < 0 or self.clip_max_norm < 0:
-            raise BadArgumentError("--lr must be > 0, --weight_decay and --clip_max_norm >= 0")
+            raise BadArgumentError("must be > 0, --weight_decay and --clip_max_norm >= 0", param="lr")
         self.model.check()
         return self

@@ -95,9 +95,9 @@ def _targets(data_dir: Path, fa: FeatureArray) -> tuple[np.ndarray, dict[str, in
 def _subj(cfg: SweepConfig, data_dir: Path) -> str:
     m = re.fullmatch(r"subj(\d{2})", data_dir.resolve().name)
     if cfg.subj is None and not m:
-        raise BadArgumentError(f"--data_dir {data_dir}: cannot tell the subject from the folder name; give --subj")
+        raise BadArgumentError(f"{data_dir}: cannot tell the subject from the folder name; give --subj", param="data_dir")
     if cfg.subj is not None and m and m.group(1) != cfg.subj:
-        raise BadArgumentError(f"--subj {cfg.subj} does not match --data_dir {data_dir} (subject {m.group(1)})")
+        raise BadArgumentError(f"{cfg.subj} does not match --data_dir {data_dir} (subject {m.group(1)})", param="subj")
     return cfg.subj or m.group(1)
 
 

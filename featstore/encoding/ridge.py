@@ -40,7 +40,7 @@ def backend(name: str):
             module.zeros(1)  # fails here, in one line, when CUDA is absent
     except Exception as e:  # noqa: BLE001 - missing torch, no CUDA
         set_backend(previous)
-        raise BadArgumentError(f"--backend {name}: not available here ({one_line(e)})") from None
+        raise BadArgumentError(f"{name}: not available here ({one_line(e)})", param="backend") from None
     try:
         yield module
     finally:

@@ -123,7 +123,7 @@ def make_readout(readout_res: str, n_vertices: dict[str, int], rois: SubjectRois
     (hence a reference checkpoint's query embeddings) stays the reference's.
     """
     if readout_res not in READOUTS:
-        raise BadArgumentError(f"--readout_res {readout_res!r}: choose one of {', '.join(READOUTS)}")
+        raise BadArgumentError(f"{readout_res!r}: choose one of {', '.join(READOUTS)}", param="readout_res")
     masks: dict[str, np.ndarray | None] = {}
     names: dict[str, list[str]] = {}
     loss_masks: dict[str, np.ndarray | None] = {h: None for h in HEMIS}
@@ -136,7 +136,7 @@ def make_readout(readout_res: str, n_vertices: dict[str, int], rois: SubjectRois
             masks[hemi], names[hemi] = np.ones((1, nv), np.float32), [hemi]
             continue
         if rois is None:
-            raise BadArgumentError(f"--readout_res {readout_res} needs the subject's ROI masks")
+            raise BadArgumentError(f"{readout_res} needs the subject's ROI masks", param="readout_res")
         rois.check_vertices(n_vertices)
         rows, qnames = [], []
         for cls in READOUTS[readout_res]:

@@ -40,11 +40,11 @@ class SweepConfig:
             if not getattr(self, name) > 0:
                 raise BadArgumentError(f"--{name} {getattr(self, name)}: must be positive")
         if int(self.seed) < 0:
-            raise BadArgumentError(f"--seed {self.seed}: must be >= 0")
+            raise BadArgumentError(f"{self.seed}: must be >= 0", param="seed")
         if self.backend not in ridge.BACKENDS:
-            raise BadArgumentError(f"--backend {self.backend!r}: choose one of {', '.join(ridge.BACKENDS)}")
+            raise BadArgumentError(f"{self.backend!r}: choose one of {', '.join(ridge.BACKENDS)}", param="backend")
         if self.dtype not in ("float32", "float64"):
-            raise BadArgumentError(f"--dtype {self.dtype!r}: choose float32 or float64")
+            raise BadArgumentError(f"{self.dtype!r}: choose float32 or float64", param="dtype")
         if int(self.cv) < 2:
             raise BadArgumentError(f"cv {self.cv}: need at least 2 folds")
         alphas = tuple(float(a) for a in np.atleast_1d(self.alphas))

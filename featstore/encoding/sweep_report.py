@@ -34,7 +34,7 @@ def prepare_output(output_dir: str | Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise BadArgumentError(f"--output_dir {out}: cannot write there ({e.strerror or e})") from None
+        raise BadArgumentError(f"{out}: cannot write there ({e.strerror or e})", param="output_dir") from None
     return out
 
 
