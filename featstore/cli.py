@@ -33,13 +33,21 @@ def add_extract_args(p: ArgumentParser) -> None:
     p.add_argument("--storage_options", default=None, metavar="JSON", help=STORAGE_HELP)
     p.add_argument("--dry_run", action="store_true", help="print the arrays, their shapes and the bytes they will "
                    "take, and exit")
+    add_cluster_args(p, "run the units left as tasks",
+                     on_scheduler="(e.g. tcp://host:8786); workers need the images at the same paths and the store at "
+                                  "the same folder or URL",
+                     on_workers=", one model each (dask workers, as in `featstore stats`; --num_workers stays the "
+                                "image decoders per process)")
+
+
+def add_cluster_args(p: ArgumentParser, what: str, on_scheduler: str = "(default: threads of this process)",
+                     on_workers: str = "") -> None:
+    """--scheduler ADDRESS | --workers N, the same pair on every command that can use a dask cluster."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="run the units left as tasks on a running dask.distributed scheduler (e.g. tcp://host:8786); "
-                        "workers need the images at the same paths and the store at the same folder or URL")
+                   help=f"{what} on a running dask.distributed scheduler {on_scheduler}")
     g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="run the units left as tasks on a local dask cluster of N worker processes, one model each "
-                        "(dask workers, as in `featstore stats`; --num_workers stays the image decoders per process)")
+                   help=f"{what} on a local dask cluster of N worker processes{on_workers}")
 
 
 STORAGE_HELP = ("fsspec options for a URL store, e.g. '{\"anon\": false}' (credentials and endpoint also come from the "
@@ -265,11 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .stats.config import StatsConfig
 
     add_config_args(p, StatsConfig)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="run on a running dask.distributed scheduler (default: threads of this process)")
-    g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="start a local dask cluster of N worker processes for this run")
+    add_cluster_args(p, "run")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="also draw the statistics into one figure (.png added when the name has no extension)")
 
@@ -282,11 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .encoding.sweep_config import SweepConfig
 
     add_config_args(p, SweepConfig)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="project on a running dask.distributed scheduler (default: threads of this process)")
-    g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="project on a local dask cluster of N worker processes")
+    add_cluster_args(p, "project")
 
     p = command("sample", "write a synthetic subject ROOT/subjXX in the Algonauts layout (images, fMRI, ROI "
                 "masks), to try featstore without the data", cmd_sample)
