@@ -61,10 +61,12 @@ def test_fast_and_public_chunk_paths_write_identical_bytes_and_read_identical_va
 
 def test_environment_switch_selects_the_public_path(store):
     code = ("import featstore.storage._zarr_compat as c; from featstore.storage import FeatureStore; "
-            f"fa = FeatureStore({str(store)!r}).get('dinov2_q_last', '01', 'train'); print(c.fast_enabled(), fa._steps)")
+            f"fa = FeatureStore({str(store)!r}).get('dinov2_q_last', '01', 'train'); print(c.fast_enabled(), fa._steps); "
+            "print(c.path_in_use())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "FEATSTORE_CHUNKIO": "public"}, check=True).stdout
-    assert out.split() == ["False", "None"]
+    first, said = out.splitlines()
+    assert first.split() == ["False", "None"] and said.endswith("public API (configuration chunkio: public)"), out
 
 
 def test_plain_zarr_sees_nan_for_unwritten_samples_and_dimension_names(subject, tmp_path):

@@ -23,7 +23,7 @@ def format_info(store) -> str:
     completion and weights. The ratios count the done chunks only (raw bytes against the stored bytes of those same
     chunks), so an incomplete array is not flattered; they show "-" while no chunk is done. Completion counts the
     unit a done marker covers, named: "40/40 chunks", or "5/5 packs" where --pack put K chunks in one object."""
-    from ..storage import FeatureStore
+    from ..storage import FeatureStore, path_in_use
 
     fs = FeatureStore.open(store)
     header = ("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")
@@ -41,7 +41,7 @@ def format_info(store) -> str:
     if not rows:
         return f"{fs.location}: no arrays"
     head = f"{fs.location}  (ratio = raw bytes / bytes on disk, over the done chunks only)"
-    return head + "\n" + format_table(rows, header, rule=False)
+    return head + "\n" + format_table(rows, header, rule=False) + f"\nchunk I/O: {path_in_use()}"
 
 
 def _ratio(v: float) -> str:

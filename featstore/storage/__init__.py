@@ -3,6 +3,7 @@ record and writer lock (completion.py), configuration diffs (fingerprint.py), fs
 only uses of zarr/s3fs internals (_zarr_compat.py). Other modules import from here, never zarr itself."""
 from __future__ import annotations
 
+from ._zarr_compat import path_in_use
 from .array import FeatureArray, VerifyReport
 from .completion import CompletionRecord, WriterLock
 from .fingerprint import fingerprint_diff, image_list_diff
@@ -26,5 +27,6 @@ __all__ = [
     "image_list_diff",
     "is_url",
     "nsd_ids",
+    "path_in_use",
     "split_path",
 ]

@@ -62,7 +62,7 @@ def path_in_use() -> str:
         return f"zarr {zarr.__version__}: public API (no sync codecs in this zarr)"
     if chunkio() == "public":
         return f"zarr {zarr.__version__}: public API (configuration chunkio: public)"
-    return f"zarr {zarr.__version__}: fast local path (sync codecs, atomic put)"
+    return f"zarr {zarr.__version__}: fast path for local folders (sync codecs, atomic put); public API elsewhere"
 
 
 def buffer_prototype():
