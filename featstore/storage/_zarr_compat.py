@@ -58,10 +58,10 @@ def fast_available() -> bool:
 
 def path_in_use() -> str:
     """One line: which chunk I/O path this process takes, and why."""
+    if chunkio() == "public":  # the user's explicit choice is the reason, whatever this zarr offers
+        return f"zarr {zarr.__version__}: public API (configuration chunkio: public)"
     if not fast_available():
         return f"zarr {zarr.__version__}: public API (no sync codecs in this zarr)"
-    if chunkio() == "public":
-        return f"zarr {zarr.__version__}: public API (configuration chunkio: public)"
     return f"zarr {zarr.__version__}: fast path for local folders (sync codecs, atomic put); public API elsewhere"
 
 
