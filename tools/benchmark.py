@@ -69,7 +69,8 @@ def format_table(rows: list[dict], header: str) -> str:
     cells = []
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.4g}x"
-        cells.append([r["name"], r["featstore"], r["baseline"], ratio, r["target"], "yes" if r["meets"] else "NO"])
+        met = ("yes" if r["meets"] else "NO") if r.get("counted", True) else "-"  # "-": information, not counted
+        cells.append([r["name"], r["featstore"], r["baseline"], ratio, r["target"], met])
     out = [header, table.format_table(cells, [h for h, _ in cols]), ""]
     out += [f"{r['name']}: {r['notes']}" for r in rows if r.get("notes")]
     return "\n".join(out)

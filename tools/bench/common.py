@@ -58,15 +58,17 @@ def stream(pool: np.ndarray, n: int, batch: int = BATCH):
         yield a, (pool[s : s + (b - a)] if s + (b - a) <= p else np.take(pool, range(a, b), axis=0, mode="wrap"))
 
 
-def meta(n: int) -> dict[str, Any]:
-    return {"token_layout": {"cls_index": 0, "grid": list(GRID), "n_tokens": T},
+def meta(n: int, grid: tuple[int, int] = GRID) -> dict[str, Any]:
+    return {"token_layout": {"cls_index": 0, "grid": list(grid), "n_tokens": 1 + grid[0] * grid[1]},
             "image_names": [f"img{i:05d}.png" for i in range(n)]}
 
 
-def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16", durable: bool = True) -> tuple[float, int]:
+def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16", durable: bool = True,
+                    grid: tuple[int, int] = GRID) -> tuple[float, int]:
     """The stream written by extraction's own write path (featstore.extraction.run.write_batches: `.to(dtype)`,
     float16 check, unit assembly, background writer), as extract does after the forward pass, with its default
-    queue bound. Returns (seconds, bytes of the array on disk)."""
+    queue bound. `pool` is (P, 1 + H*W, C) for a token grid of H x W. Returns (seconds, bytes of the array on
+    disk)."""
     import torch
 
     from featstore.extraction import ExtractConfig
@@ -74,7 +76,8 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
     from featstore.storage import ArraySpec, FeatureStore
 
     fs = FeatureStore(root, mode="a")
-    fa, _ = fs.prepare(FEATURE, SUBJ, SPLIT, ArraySpec((n, T, C), 1, dtype), meta=meta(n), fingerprint={})
+    spec = ArraySpec((n, *pool.shape[1:]), 1, dtype)
+    fa, _ = fs.prepare(FEATURE, SUBJ, SPLIT, spec, meta=meta(n, grid), fingerprint={})
     cfg = ExtractConfig(dtype=dtype, durable=durable)
     t0 = time.perf_counter()
     batches = ((np.arange(a, a + len(rows)), {fa.feature: torch.from_numpy(rows)}) for a, rows in stream(pool, n))
@@ -122,17 +125,19 @@ def judge(value: float | None, op: str, bound: float) -> bool:
 
 
 def row(name: str, ratio: float | None, target: str, check: tuple[str, float], featstore: str, baseline: str,
-        notes: str = "", *, on: float | None = None, also: dict[str, bool] | None = None, **extra) -> dict[str, Any]:
+        notes: str = "", *, on: float | None = None, also: dict[str, bool] | None = None, counted: bool = True,
+        **extra) -> dict[str, Any]:
     """One row. `check` = (op, bound), read on `on` (default: the ratio); `also`: further conditions the row needs
     (e.g. an identical store). meets = the bound holds and every condition is true. The JSON keeps op, bound, judged
-    (the value read) and also, so that a reader can judge the row again."""
+    (the value read) and also, so that a reader can judge the row again. `counted=False`: information only (the
+    table shows `-` for met; meets is still computed)."""
     op, bound = check
     judged = ratio if on is None else on
     conds = {k: bool(v) for k, v in (also or {}).items()}
     return {"name": name, "ratio": None if ratio is None else float(ratio), "target": target,
             "meets": judge(judged, op, bound) and all(conds.values()), "featstore": featstore, "baseline": baseline,
             "notes": notes, "op": op, "bound": float(bound), "judged": None if judged is None else float(judged),
-            "also": conds, **extra}
+            "also": conds, "counted": bool(counted), **extra}
 
 
 def rebound(r: dict[str, Any], bound: float) -> dict[str, Any]:
@@ -143,10 +148,10 @@ def rebound(r: dict[str, Any], bound: float) -> dict[str, Any]:
             "meets": judge(r["judged"], r["op"], bound) and all(r["also"].values())}
 
 
-def not_measured(name: str, target: str, featstore: str, notes: str) -> dict[str, Any]:
+def not_measured(name: str, target: str, featstore: str, notes: str, *, counted: bool = True) -> dict[str, Any]:
     """A row without a measurement (failed, unavailable): it never meets its target."""
     return {"name": name, "ratio": None, "target": target, "meets": False, "featstore": featstore, "baseline": "-",
-            "notes": notes, "op": None, "bound": None, "judged": None, "also": {}}
+            "notes": notes, "op": None, "bound": None, "judged": None, "also": {}, "counted": bool(counted)}
 
 
 def unavailable(name: str, target: str, reason: str) -> dict[str, Any]:
