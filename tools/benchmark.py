@@ -50,7 +50,7 @@ from featstore.devices import cpu_count
 
 GROUPS: list[tuple[str, tuple[str, ...], Callable]] = [
     ("write", ("write", "write-bytes", "write-nofsync", "write-lossless", "write-lossless-bytes"), write.rows_write),
-    ("extract", ("extract",), extract.rows_extract),
+    ("extract", ("extract", "extract-tiny"), extract.rows_extract),
     ("read", ("read", "read-2workers"), read.rows_read),
     ("startup", startup.NAMES, startup.rows_startup),
     ("stats", ("stats",), stats.rows_stats),
