@@ -12,11 +12,16 @@ from pathlib import Path
 BENCHMARK = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
 ROWS = [
     "write", "write-bytes", "write-nofsync", "write-lossless", "write-lossless-bytes",
-    "extract", "read", "read-2workers", "startup-time", "startup-rss", "startup-100", "startup-time-memmap",
+    "extract", "extract-tiny", "read", "read-2workers", "startup-time", "startup-rss", "startup-100", "startup-time-memmap",
     "startup-rss-memmap", "startup-100-memmap", "stats", "resume", "resume-noop", "layers", "layers-rss", "train",
 ]
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt}  # written here, not taken from the benchmark
-READ_ON_OTHER = {"write-bytes", "write-lossless-bytes", "layers-rss"}  # rows whose bound is not read on the ratio
+READ_ON_OTHER = {"startup-time-memmap", "layers-rss"}  # rows whose bound is not read on the ratio
+INFO = {"extract-tiny", "startup-time", "startup-rss", "startup-100", "startup-rss-memmap"}  # information, not counted
+# counted rows judged against an impossible bound in the quick run: each must then fail
+FORCED = {"write": "inf", "write-bytes": "0", "write-nofsync": "inf", "write-lossless": "inf",
+          "write-lossless-bytes": "0", "extract": "0", "startup-time-memmap": "0", "startup-100-memmap": "inf",
+          "resume": "-1", "resume-noop": "0", "layers-rss": "-1e9"}
 
 
 @cache
@@ -63,7 +68,8 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
     capfd.readouterr()
-    assert bench.main(["--quick", "--json", str(out), "--dir", str(work), "--bound", "resume=-1"]) == 0
+    forced = [a for name, bound in FORCED.items() for a in ("--bound", f"{name}={bound}")]
+    assert bench.main(["--quick", "--json", str(out), "--dir", str(work), *forced]) == 0
     r = capfd.readouterr()  # (out, err)
     rows = json.loads(out.read_text())
     assert isinstance(rows, list)
@@ -80,8 +86,16 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
         if name not in READ_ON_OTHER:
             assert row["judged"] == row["ratio"], row
         assert row["meets"] == expected_meets(row), row
-        assert table[name].rstrip().endswith("yes" if row["meets"] else "NO"), table[name]
-    assert by_name["write-bytes"]["judged"] == by_name["write-bytes"]["codec_ratio"]
+        assert row["counted"] == (name not in INFO), row
+        met = ("yes" if row["meets"] else "NO") if row["counted"] else "-"
+        assert table[name].rstrip().endswith(met), table[name]
+        if name in FORCED:
+            assert row["bound"] == float(FORCED[name]) and not row["meets"], row
+    for name in ("write-bytes", "write-lossless-bytes"):  # judged on the measured bytes
+        b = by_name[name]
+        assert math.isclose(b["judged"], b["featstore_bytes"] / b["baseline_bytes"]), b
+    startup = by_name["startup-time-memmap"]  # judged on the slower open, in ms, of two sizes
+    assert math.isclose(startup["judged"], 1e3 * max(startup["featstore_s"], startup["featstore_large_s"])), startup
     rss = by_name["layers-rss"]
     assert math.isclose(rss["judged"], rss["featstore_mb"] - rss["baseline_mb"]), rss
     assert "[benchmark" in r.err and "[benchmark" not in r.out  # progress on stderr only
@@ -89,3 +103,29 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
     assert resume["killed"] and resume["identical"] and resume["recomputed"] <= resume["n"] - resume["done_at_kill"], resume
     assert resume["also"] == {"identical": True}
     assert resume["bound"] == -1 and not resume["meets"], resume  # a recount ratio is >= 0: it cannot meet -1
+    noop = by_name["resume-noop"]
+    assert 0 < noop["featstore_s"] < noop["baseline_s"], noop
+
+
+def test_bytes_rows_fail_on_more_bytes_than_the_dtype_allows(tmp_path):
+    """The -bytes bound is the values at the stored itemsize plus per-chunk and metadata overhead, read on the bytes
+    measured on disk: a real float16 array meets it, the same values stored as float32 (a regression that silently
+    doubled the bytes) do not."""
+    runner()
+    import numpy as np
+    from bench.common import FEATURE, SPLIT, SUBJ, featstore_write
+    from bench.write import array_bytes, bytes_row
+
+    from featstore.storage import FeatureStore
+
+    pool = np.random.default_rng(0).standard_normal((4, 17, 64), dtype=np.float32)  # 4 x 4 grid + CLS
+    measured = {}
+    for dtype in ("float16", "float32"):
+        featstore_write(tmp_path / f"{dtype}.zarr", pool, 8, dtype, durable=False, grid=(4, 4))
+        fa = FeatureStore(tmp_path / f"{dtype}.zarr").get(FEATURE, SUBJ, SPLIT)
+        measured[dtype] = {want: array_bytes(fa, want, tmp_path / "x.npy") for want in ("float16", "float32")}
+        assert measured[dtype]["float16"]["bytes"] == fa.nbytes_stored()
+    assert bytes_row("write-bytes", measured["float16"]["float16"], "float16", "")["meets"]
+    assert bytes_row("write-lossless-bytes", measured["float32"]["float32"], "float32", "")["meets"]
+    crippled = bytes_row("write-bytes", measured["float32"]["float16"], "float16", "")
+    assert not crippled["meets"] and crippled["judged"] > crippled["bound"], crippled

@@ -101,7 +101,13 @@ def rows_layers(ctx) -> list[dict]:
         "once (each interpreter start costs ~5 s)")
     rss = _peak_rss(ctx, subj)
     r_all, r_one = rss["all"]["peak_rss_mb"], rss["one"]["peak_rss_mb"]
-    queue_mb = ExtractConfig.queue_mb  # the writer may hold this many MB of computed rows, however many arrays
+    # What the extra outputs may hold beyond the 1-output run: the writer's queue (at most queue_mb, at most every
+    # stored row of the run) and, per batch, the extra arrays' float32 outputs and their float16 copies (3x the
+    # stored float16 bytes of a sample)
+    arrays, stored = rss["all"]["arrays"], rss["all"]["bytes"]
+    queue_mb = min(ExtractConfig.queue_mb, stored / 2**20)
+    batch_mb = BATCH * stored / n / 2**20 * 3 * (arrays - 1) / arrays
+    bound_mb = round(queue_mb + batch_mb, 1)
     return [
         row("layers", ratio, "<= 1.5x the single-output time", ("<=", 1.5),
             f"{t['many']:.2f} s ({t['arrays']} arrays)", f"{t['one']:.2f} s (1 array)",
@@ -109,10 +115,12 @@ def rows_layers(ctx) -> list[dict]:
             f"(tiny ViT with {LAYERS_DEPTH} blocks, width 48), random weights, extract() defaults (2 loader workers, "
             "float16, fsync); one forward pass per batch either way, 8x the bytes written",
             featstore_s=t["many"], baseline_s=t["one"]),
-        row("layers-rss", r_all / r_one, f"<= the 1-output peak + {queue_mb} MB (the queue bound)",
-            ("<=", queue_mb), f"{r_all:.0f} MB ({rss['all']['arrays']} arrays)", f"{r_one:.0f} MB (1 array)",
+        row("layers-rss", r_all / r_one, f"<= the 1-output peak + {bound_mb:g} MB (queue + a batch of outputs)",
+            ("<=", bound_mb), f"{r_all:.0f} MB ({rss['all']['arrays']} arrays)", f"{r_one:.0f} MB (1 array)",
             f"peak RSS (VmHWM) of the main process of a fresh extract (the 2 loader workers are processes of their "
             f"own), {n} images, --enc_layer all of both variants vs one output; --arch {ARCH} as in layers; the "
-            f"bound is read on the difference, {r_all - r_one:.0f} MB", on=r_all - r_one,
+            f"bound is read on the difference, {r_all - r_one:.0f} MB: the writer's queue {queue_mb:.1f} MB (min of "
+            f"{ExtractConfig.queue_mb} MB and the {stored / 2**20:.1f} MB stored) + {batch_mb:.1f} MB (batch "
+            f"{BATCH} x {arrays - 1} extra arrays x a sample's float32 output and float16 copy)", on=r_all - r_one,
             featstore_mb=r_all, baseline_mb=r_one),
     ]

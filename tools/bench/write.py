@@ -3,6 +3,7 @@ a real extraction vs its float32 npy)."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -44,14 +45,21 @@ def backbone_bytes(ctx) -> dict[str, dict]:
                 batch_size=BATCH, num_workers=0, durable=False, progress=False)
         ctx.extract_warm = True  # this process has run extract() (imports, allocator, page cache of the images)
         fa = FeatureStore(store).get("dinov2_q_last", SUBJ, SPLIT)
-        np.save(npy, np.asarray(fa.read(0, fa.shape[0]), dtype=np.float32))
-        values = int(np.prod(fa.shape)) * np.dtype(dtype).itemsize
-        overhead = CRC * fa.nchunks + META_FIXED + META_PER_IMAGE * fa.shape[0]
-        out[dtype] = {"bytes": fa.nbytes_stored(), "npy": npy.stat().st_size, "allowed": values + overhead,
-                      "values": values, "overhead": overhead}
+        out[dtype] = array_bytes(fa, dtype, npy)
         ctx.backbone_shape = fa.shape
-        npy.unlink()
         shutil.rmtree(store)
+    return out
+
+
+def array_bytes(fa, dtype: str, npy: Path) -> dict:
+    """The array's bytes on disk, its values' bytes as a float32 npy (written to `npy`, then removed), and the bytes
+    allowed for an array stored as `dtype`."""
+    np.save(npy, np.asarray(fa.read(0, fa.shape[0]), dtype=np.float32))
+    values = int(np.prod(fa.shape)) * np.dtype(dtype).itemsize
+    overhead = CRC * fa.nchunks + META_FIXED + META_PER_IMAGE * fa.shape[0]
+    out = {"bytes": fa.nbytes_stored(), "npy": npy.stat().st_size, "allowed": values + overhead, "values": values,
+           "overhead": overhead}
+    npy.unlink()
     return out
 
 
@@ -84,7 +92,7 @@ def _best_times(ctx, full: np.ndarray) -> dict[str, float]:
     return best
 
 
-def _bytes_row(name: str, b: dict, dtype: str, notes: str) -> dict:
+def bytes_row(name: str, b: dict, dtype: str, notes: str) -> dict:
     """Judged on the measured bytes: the array's bytes on disk over the float32 npy's, against what the values at
     the stored itemsize plus the fixed per-chunk and metadata overhead allow (a codec may only do better)."""
     bound = b["allowed"] / b["npy"]
@@ -126,7 +134,7 @@ def rows_write(ctx) -> list[dict]:
             f"of the array already converted to float16 + one fsync of the file); against np.save + fsync of the "
             f"float32 array (twice the bytes, the legacy export): {n32f / s16:.3g}x",
             featstore_gbs=raw / s16 / 1e9, baseline_gbs=raw / n16f / 1e9, float32_npy_ratio=n32f / s16),
-        _bytes_row("write-bytes", nbytes["float16"], "float16", extraction),
+        bytes_row("write-bytes", nbytes["float16"], "float16", extraction),
         row("write-nofsync", n16 / s, ">= 1.0x np.save throughput of the float16 array", (">=", 1.0),
             f"{gbs(raw, s)} (float16, --no_fsync)", f"np.save f16 {gbs(raw, n16)}",
             f"as write, neither side fsyncs (featstore: --no_fsync, done markers without fsync); against plain "
@@ -136,5 +144,5 @@ def rows_write(ctx) -> list[dict]:
             f"{gbs(raw, s32)} (float32, fsync)", f"np.save + fsync {gbs(raw, n32f)}", "--dtype float32 (bit-exact "
             "copy of the input) vs np.save of the float32 array; both sides durable",
             featstore_gbs=raw / s32 / 1e9, baseline_gbs=raw / n32f / 1e9),
-        _bytes_row("write-lossless-bytes", nbytes["float32"], "float32", "as write-bytes, --dtype float32"),
+        bytes_row("write-lossless-bytes", nbytes["float32"], "float32", "as write-bytes, --dtype float32"),
     ]
