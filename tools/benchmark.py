@@ -2,25 +2,36 @@
 """featstore benchmark: ratios measured side by side in one run, each against the legacy way of doing the same thing.
 
     python tools/benchmark.py [--n 400] [--startup-n 2000] [--images 128] [--reps 2] [--json out.json] [--dir DIR]
-    python tools/benchmark.py --quick --json out.json        # smoke-test sizes, about a minute (6 fresh interpreters)
+    python tools/benchmark.py --quick --json out.json        # smoke-test sizes, about a minute (7 fresh interpreters)
 
-Rows (names are stable; the JSON is a list of rows with at least name, ratio, target and a boolean meets):
-  write                       store writer (float16, fsync on) fed a ViT-B-sized float32 stream vs np.save + fsync
-  write-nofsync               the same without fsync vs plain np.save (page cache only on both sides)
-  write-lossless              the float32 store writer (fsync on) vs np.save + fsync
-  write-bytes, -lossless-bytes bytes of a real extraction (tiny architecture, random weights; float16 / float32) vs
-                              the float32 npy of the same values
-  extract                     a full `extract` (tiny backbone) vs its forward pass alone over the same images
+Rows (names are stable; the JSON is a list of rows with at least name, ratio, target, a boolean meets, and counted:
+false for information rows, whose met column shows "-"):
+  write                       store writer (float16, fsync on) fed a ViT-B-sized float32 stream vs np.save + fsync of
+                              the same float16 bytes (the float32 npy, twice the bytes, in the note)
+  write-nofsync               the same without fsync vs plain np.save of the float16 array (page cache only on both)
+  write-lossless              the float32 store writer (fsync on) vs np.save + fsync of the float32 array
+  write-bytes, -lossless-bytes bytes on disk of a real extraction (tiny architecture, random weights; float16 /
+                              float32) vs the float32 npy of the same values, judged against the values at the stored
+                              itemsize + a 4-byte crc32c per chunk + metadata (4 KiB + 64 B per image name)
+  extract                     a full `extract` of 8 images with the full-size DINOv2 ViT-B/14 (random weights; --quick:
+                              the tiny model) vs the same backbone's forward pass alone over the same preprocessed
+                              batches, same threads
+  extract-tiny                the same with the tiny backbone on --images images (information: PNG decoding bound)
   read, read-2workers         random-order samples: FeatureDataset vs np.load(mmap_mode="r") of the npy export
-  startup-time, -rss, -100    FeatureDataset vs whole-file np.load of the npy at --startup-n samples (fresh processes);
-  startup-*-memmap            the same vs np.load(mmap_mode="r")
+  startup-time, -rss, -100    FeatureDataset vs whole-file np.load of the npy at --startup-n samples (fresh processes;
+                              information)
+  startup-*-memmap            the same vs np.load(mmap_mode="r"): the open judged on its absolute time (<= 20 ms, at
+                              --startup-n and at 5x that many samples), the first 100 random samples vs memmap's;
+                              the RSS row is information
   stats                       featstore.feature_stats vs a plain full read of the array
   resume                      a real extract SIGKILLed at a random point, then rerun: images recomputed (counted at the
                               backbone) vs images not marked done at the kill, the resumed store vs an uninterrupted
                               run, and the work lost at the kill (images computed but not marked done)
-  resume-noop                 a rerun on a finished store vs the full extraction
+  resume-noop                 a rerun on a finished store vs the full extraction that made it (same process, same
+                              backbone, the clock around extract() alone on both sides)
   layers                      4 layers of both DINOv2 variants (8 arrays) in one run vs one variant at one layer
-  layers-rss                  peak RSS (VmHWM) of an --enc_layer all run of both variants vs a single-output run
+  layers-rss                  peak RSS (VmHWM) of an --enc_layer all run of both variants vs a single-output run,
+                              within the writer's reachable queue + a batch of the extra outputs
   train                       transformer brain encoder training steps fed from the store (FeatureDataset + DataLoader
                               workers) vs from an in-RAM tensor of the same data, same batches
 
@@ -88,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=400, help="samples for the write, read and stats rows (default 400)")
     p.add_argument("--startup-n", type=int, default=2000, help="samples for the start-up rows (default 2000)")
     p.add_argument("--images", type=int, default=128,
-                   help="images for the write-bytes, extract, resume and layers rows (default 128)")
+                   help="images for the write-bytes, extract-tiny, resume and layers rows; the extract row takes at "
+                   "most 8 (default 128)")
     p.add_argument("--reps", type=int, default=2, help="repetitions; the best of each side is kept (default 2)")
     p.add_argument("--quick", action="store_true", help="smoke-test sizes: --n 24 --startup-n 48 --images 24 --reps 1")
     p.add_argument("--only", default=None, help=f"comma-separated groups: {','.join(g for g, _, _ in GROUPS)}")
