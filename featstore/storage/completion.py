@@ -29,12 +29,20 @@ class CompletionRecord:
 
     def mask(self) -> np.ndarray:
         """Boolean (nunits,): which units are durably written."""
-        keys = list_dir(self.zstore, self.prefix)
         mask = np.zeros(self.nunits, dtype=bool)
-        for k in keys:
-            if k.isdigit() and int(k) < self.nunits:
-                mask[int(k)] = True
+        units = np.fromiter((int(k) for k in self._keys() if k.isdigit()), dtype=np.int64)
+        mask[units[units < self.nunits]] = True
         return mask
+
+    def _keys(self) -> list[str]:
+        """The marker names; a local folder is listed directly (zarr's async listing of a large record costs several
+        times more, and a dataset's construction is mostly this listing)."""
+        if self.local_root is None:
+            return list_dir(self.zstore, self.prefix)
+        try:
+            return os.listdir(self.local_root / self.prefix)
+        except FileNotFoundError:
+            return []
 
     def mark_done(self, units: list[int], durable: bool) -> None:
         if self.fast and fast_enabled():
