@@ -32,9 +32,23 @@ def test_scale_rows_at_a_tiny_n(tmp_path, capfd):
         assert abs(r["ratio"] - r["baseline_s"] / r["featstore_s"]) < 1e-9 * r["ratio"], r  # throughput ratio
     assert rows["scale-cold"]["meets"] and not rows["scale-warm"]["meets"]  # the bounds, overridden both ways
     assert "evicted with posix_fadvise(POSIX_FADV_DONTNEED) per file" in rows["scale-cold"]["notes"]
+    left = rows["scale-cold"]["resident_after_evict"]
+    assert set(left) == {"store", "memmap"} and f"store {left['store']:.0%}" in rows["scale-cold"]["notes"]
+    if _filesystem(tmp_path) not in ("tmpfs", "ramfs"):  # files in RAM cannot be evicted
+        assert left == {"store": 0.0, "memmap": 0.0}  # cold means cold
     assert "read once just before its pass" in rows["scale-warm"]["notes"]
     assert re.search(r"^scale-warm .* NO$", printed, flags=re.MULTILINE), printed
     assert not any(work.iterdir())  # the working folder is removed
+
+
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem holding `path` (the longest mount point above it in /proc/mounts)."""
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        mnt, fstype = line.split()[1:3]
+        if str(path.resolve()).startswith(mnt) and len(mnt) > len(best):
+            best, kind = mnt, fstype
+    return kind
 
 
 def test_scale_refuses_without_the_space(tmp_path, capfd):

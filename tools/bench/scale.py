@@ -76,6 +76,39 @@ def drop_cache(paths: list[Path], how: str) -> str:
     return f"{reason}; evicted with posix_fadvise(POSIX_FADV_DONTNEED) per file"
 
 
+def resident(paths: list[Path], most: int = 64) -> float | None:
+    """Fraction of the files' pages in the page cache (mincore on a private mapping; up to `most` files, evenly
+    spaced), to check that a cold pass starts cold; None where mincore is not available."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mincore = libc.mincore
+    except (OSError, AttributeError):
+        return None
+    page = mmap.PAGESIZE
+    pick = paths[:: max(1, len(paths) // most)]
+    total = hit = 0
+    for p in pick:
+        size = p.stat().st_size
+        if size == 0:
+            continue
+        with open(p, "rb") as f:
+            m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            buf = ctypes.c_char.from_buffer(m)
+            vec = (ctypes.c_ubyte * (-(-size // page)))()
+            if mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec) != 0:
+                return None
+            total += len(vec)
+            hit += sum(v & 1 for v in vec)
+            del buf
+        finally:
+            m.close()
+    return hit / total if total else None
+
+
 def _dataset(store: Path):
     from featstore.dataset import FeatureDataset
 
@@ -107,12 +140,13 @@ def rows_scale(ctx) -> list[dict]:
     ds, kind = _dataset(store)
     sides = {"store": lambda: ds, "memmap": lambda: LegacyNpy(str(npy))}
     best = {(mode, side): np.inf for mode in ("cold", "warm") for side in sides}
-    how = ""
+    how, left = "", {}
     for r in range(ctx.reps):
         for mode in ("cold", "warm"):
             for side, make in sides.items():
                 if mode == "cold":
                     how = drop_cache(files[side], ctx.scale_evict)
+                    left[side] = resident(files[side])
                 else:
                     warm(files[side])
                 log(f"scale-{mode}: {side}, one random-order epoch of {n} samples (rep {r + 1}/{ctx.reps})")
@@ -121,7 +155,8 @@ def rows_scale(ctx) -> list[dict]:
     out = []
     for mode, target, bound in (("cold", ">= 1.9x memmap throughput", 1.9), ("warm", ">= 4x memmap throughput", 4.0)):
         s, m = best[mode, "store"], best[mode, "memmap"]
-        cache = (how if mode == "cold" else
+        checked = ", ".join(f"{k} {v:.0%}" for k, v in left.items() if v is not None) or "not checked (no mincore)"
+        cache = (f"{how}; pages resident after it (mincore): {checked}" if mode == "cold" else
                  f"each side's files read once just before its pass ({ram:.0f} GB RAM: the npy's "
                  f"{sizes['memmap'] / 1e9:.1f} GB {'fit' if sizes['memmap'] < 0.8e9 * ram else 'do not all fit'})")
         out.append(row(f"scale-{mode}", m / s, target, (">=", bound), f"{s:.1f} s ({n / s:.0f} samples/s)",
@@ -130,7 +165,8 @@ def rows_scale(ctx) -> list[dict]:
                        f"FeatureDataset {kind} ({sizes['store'] / 1e9:.2f} GB on disk, default codec); memmap: the "
                        f"legacy item (torch.tensor of np.load(mmap_mode='r')[i], CLS strip, reshape, permute) of the "
                        f"float32 npy ({sizes['memmap'] / 1e9:.2f} GB); {cache}",
-                       featstore_s=s, baseline_s=m, n=n, evict=how if mode == "cold" else "warm"))
+                       featstore_s=s, baseline_s=m, n=n, evict=how if mode == "cold" else "warm",
+                       resident_after_evict=left if mode == "cold" else None))
     shutil.rmtree(store, ignore_errors=True)
     shutil.rmtree(npy.parent, ignore_errors=True)
     return out
