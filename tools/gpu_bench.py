@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """featstore on a GPU: extraction against the forward pass, half precision, and the loader against a training step.
 
-    python tools/gpu_bench.py [--images 2048] [--device cuda] [--batch-size 64] [--workers N] [--json out.json]
+    python tools/gpu_bench.py [--images 4096] [--device cuda] [--batch-size 64] [--workers N] [--json out.json]
     python tools/gpu_bench.py --arch tiny-d2 --images 8 --device cpu --batch-size 4 --workers 0 --steps 3   # smoke
 
 For dinov2_q (ViT-B/14 by default, 425 px images padded to 434 px) with RANDOM weights (seeded: no download, the
@@ -43,7 +43,8 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=2048, help="images of the generated sample subject (default 2048)")
+    p.add_argument("--images", type=int, default=4096,
+                   help="images of the generated sample subject (default 4096: start-up is a small part of the run)")
     p.add_argument("--arch", default=None,
                    help="backbone architecture (default: dinov2_q's ViT-B/14; tiny-dN for a smoke test)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
