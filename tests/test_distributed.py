@@ -165,3 +165,15 @@ def test_local_cluster_scratch_space_is_featstores_own_folder(client):
     for d in map(Path, dirs.values()):
         rel = d.resolve().relative_to(tmp)
         assert rel.parts[0].startswith("featstore-dask-"), d
+
+
+def test_half_precision_on_workers_records_its_error(subj, client, tmp_path):
+    """--precision reaches the workers: each checks it on its own device, and the first task records the error."""
+    out = tmp_path / "bf16.zarr"
+    extract(subj, out, backbone="dinov2_q", batch_size=4, precision="bfloat16", splits=["train"],
+            scheduler=client.scheduler.address, **TINY)
+    fa = FeatureStore(out).get("dinov2_q_last", "01", "train")
+    assert fa.is_complete() and fa.fingerprint["precision"] == "bfloat16"
+    e = fa.provenance["precision_error"]
+    assert e["precision"] == "bfloat16" and e["device"] == "cpu" and 1 <= e["images"] <= 4
+    assert 0 < e["mean_rel"] < 0.05  # a task's first batch: its range may hold fewer images than --batch_size

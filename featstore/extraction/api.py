@@ -57,9 +57,11 @@ def extract(
 
         return extract_on_cluster(subject, subj, output_dir, cfg, store=store, scheduler=scheduler, workers=workers)
     from ..devices import resolve_device
+    from .precision import check_precision
     from .run import run_split
 
     dev = resolve_device(cfg.device, local_rank=local_rank(cfg.shard))
+    check_precision(cfg.precision, dev)  # before the model is loaded
     bb = cfg.build_backbone()
     checked = check_splits(subject.images, bb.preprocess)  # every image's header, before anything is written
     bb.to(dev)

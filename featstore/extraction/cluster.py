@@ -37,6 +37,7 @@ from .config import ExtractConfig
 from .images import check_splits
 from .launcher import Share, detect_share
 from .plan import ExtractResult, SplitPlan
+from .precision import check_precision
 from .run import fill, interrupted
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ def _fill_range(source, storage_options, cfg: ExtractConfig, subj: str, split: s
     started = time.time()
     try:
         bb, dev = _worker_backbone(cfg)
+        check_precision(cfg.precision, dev)  # the worker's own device decides
         if cfg.num_workers > 0 and multiprocessing.current_process().daemon:
             log.warning("dask worker processes are daemonic: decoding images in the task (set "
                         "distributed.worker.daemon: false to use --num_workers %d)", cfg.num_workers)

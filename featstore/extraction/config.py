@@ -11,6 +11,7 @@ from ..errors import BadArgumentError
 from ..flags import flag
 from ..layout import normalize_subj
 from ..storage import CODECS, DEFAULT_CODEC, compressors
+from .precision import PRECISIONS
 
 if TYPE_CHECKING:
     from ..backbones import Backbone
@@ -40,6 +41,9 @@ class ExtractConfig:
                                    "tiny-dN: N blocks)")
     image_size: int | None = flag(None, "resize DINOv2 input to this square size (default: none, 425 -> padded 434)")
     dtype: str = flag("float16", "stored dtype", choices=("float16", "float32"))
+    precision: str = flag("float32", "dtype of the forward pass: float32 (on CUDA with TF32 off: the reference), or "
+                          "bfloat16/float16 under torch.autocast (GPUs: faster; its error vs float32 on the first batch "
+                          "is recorded in the array's provenance)", choices=PRECISIONS)
     chunk: int = flag(1, "samples per storage chunk")
     pack: int = flag(1, "chunks per stored object (Zarr sharding), for object storage; 1: no packing")
     codec: str | None = flag(None, f"chunk compression of new arrays, always followed by a crc32c checksum (default "
@@ -61,6 +65,8 @@ class ExtractConfig:
         """Every check that needs no model, so that a wrong flag fails at once (and before torch is imported)."""
         if self.dtype not in DTYPES:
             raise BadArgumentError(f"{self.dtype!r}: choose float16 or float32", param="dtype")
+        if self.precision not in PRECISIONS:
+            raise BadArgumentError(f"{self.precision!r}: choose {', '.join(PRECISIONS)}", param="precision")
         for name in ("batch_size", "chunk", "pack"):
             if int(getattr(self, name)) < 1:
                 raise BadArgumentError(f"{getattr(self, name)}: must be >= 1", param=name)

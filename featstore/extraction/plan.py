@@ -127,9 +127,10 @@ class SplitPlan:
         fingerprint = {
             "images": images_sha, "n_images": len(self.paths),
             **{key: desc[key] for key in ("backbone", "arch", "layer", "weights", "preprocess") if key in desc},
+            "precision": self.cfg.precision,  # a resumed run never mixes forward-pass dtypes in one array
         }
         meta = {
-            **desc, "feature": feature, "subj": self.subj, "split": self.split, "input_size": list(self.input_hw),
+            **desc, "feature": feature, "precision": self.cfg.precision, "subj": self.subj, "split": self.split, "input_size": list(self.input_hw),
             "token_layout": {"cls_index": self.bb.cls_index, "grid": list(self.grid), "n_tokens": self.T},
             "image_names": names, "image_sizes": sizes, "versions": _versions(),
             **({"image_modes": self.images.modes, "converted_to_rgb": self.images.converted} if self.images else {}),

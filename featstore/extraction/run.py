@@ -17,6 +17,7 @@ from ..errors import CorruptImageError, Float16OverflowError, Interrupted, Termi
 from ..storage import FeatureArray
 from .images import ImageFiles, collate, quiet_worker
 from .plan import SplitPlan, SplitSummary
+from .precision import autocast, error_line, no_tf32, precision_error
 from .writer import BackgroundWriter, ChunkAssembler
 
 if TYPE_CHECKING:
@@ -82,16 +83,35 @@ def _loader(plan: SplitPlan, indices: list[int], dev: torch.device, context: str
     )
 
 
-def _forward(plan: SplitPlan, loader, dev: torch.device) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-    """(image indices, {feature: tokens}) per batch: one forward pass serves every output."""
+def _forward(plan: SplitPlan, loader, dev: torch.device,
+             unmeasured: list[FeatureArray]) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """(image indices, {feature: tokens}) per batch: one forward pass serves every output, in cfg.precision. The
+    first batch of a half-precision run is also computed in float32 when an array (`unmeasured`) has no recorded
+    error yet: one extra forward pass, whose difference goes to those arrays' provenance."""
     import torch
 
+    precision = plan.cfg.precision
     for idx, x, errors in loader:
         if errors:
             raise CorruptImageError(errors[0])
+        x = x.to(dev, non_blocking=True)
         with torch.inference_mode():
-            ys = plan.bb.forward_features(x.to(dev, non_blocking=True))
+            with autocast(precision, dev):
+                ys = plan.bb.forward_features(x)
+            if unmeasured:
+                _record_error(unmeasured, ys, plan.bb.forward_features(x), plan.cfg, dev)
+                unmeasured = []
         yield np.asarray(idx), ys
+
+
+def _record_error(arrays: list[FeatureArray], ys: dict, ref: dict, cfg: ExtractConfig, dev: torch.device) -> None:
+    import torch
+
+    stored = torch.float16 if cfg.dtype == "float16" else torch.float32
+    errors = precision_error(ys, ref, stored, cfg.precision, dev)
+    for fa in arrays:
+        fa.add_provenance({"precision_error": errors[fa.feature]})
+        log.info("%s", error_line(fa.path, errors[fa.feature]))
 
 
 def _compute(plan: SplitPlan, arrays: list[FeatureArray], todo: dict[str, list[int]], dev: torch.device,
@@ -103,9 +123,12 @@ def _compute(plan: SplitPlan, arrays: list[FeatureArray], todo: dict[str, list[i
     desc = arrays[0].path if single else f"{plan.subj}/{plan.split}: {len(arrays)} arrays"
     bar = tqdm(total=int(sum(n.sum() for n in need.values())), desc=desc, unit="img" if single else "row",
                disable=not plan.cfg.progress, smoothing=0.1)
+    unmeasured = [] if plan.cfg.precision == "float32" else [
+        fa for fa in arrays if todo[fa.path] and "precision_error" not in fa.meta]
     try:
-        return write_batches(arrays, todo, _forward(plan, loader, dev), plan.cfg, on_written=bar.update,
-                             names=plan.paths)
+        with no_tf32(dev):
+            return write_batches(arrays, todo, _forward(plan, loader, dev, unmeasured), plan.cfg,
+                                 on_written=bar.update, names=plan.paths)
     finally:
         bar.close()
 

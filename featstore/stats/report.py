@@ -27,8 +27,8 @@ def format_info(store) -> str:
 
     fs = FeatureStore.open(store)
     header = ("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")
-    rows = []
-    for fa in fs.arrays():
+    rows, arrays = [], list(fs.arrays())
+    for fa in arrays:
         a = fa.summary()
         w = a["weights"]
         wdesc = w.get("kind", "?") + (f" seed={w['seed']}" if w.get("kind") == "random" else f" {w.get('name', '')}")
@@ -41,7 +41,19 @@ def format_info(store) -> str:
     if not rows:
         return f"{fs.location}: no arrays"
     head = f"{fs.location}  (ratio = raw bytes / bytes on disk, over the done chunks only)"
-    return head + "\n" + format_table(rows, header, rule=False) + f"\nchunk I/O: {path_in_use()}"
+    return head + "\n" + format_table(rows, header, rule=False) + _precision_lines(arrays) + f"\nchunk I/O: {path_in_use()}"
+
+
+def _precision_lines(arrays) -> str:
+    """One line per array computed in a half precision (--precision): its measured error against float32."""
+    from ..extraction.precision import error_line
+
+    lines = []
+    for fa in arrays:
+        if fa.meta.get("precision", "float32") != "float32":
+            e = fa.meta.get("precision_error")
+            lines.append(error_line(fa.path, e) if e else f"{fa.path}: {fa.meta['precision']} (error not measured yet)")
+    return "".join(f"\nprecision: {line}" for line in lines)
 
 
 def _ratio(v: float) -> str:

@@ -48,6 +48,17 @@ class FeatureArray:
         self.record = CompletionRecord(store.zstore, path, self.uid, self.nchunks, store.local_root,
                                        fast=store.plain_local)
 
+    def add_provenance(self, items: dict[str, Any]) -> None:
+        """Add what is measured while the array is filled (the error of --precision vs float32) to its attributes,
+        read afresh so that nothing another process added is lost; the fingerprint is never touched."""
+        arr = zarr.open_array(self.store.zstore, path=self.path, mode="r+")
+        meta = dict(arr.attrs.get(ATTR_KEY, {}))
+        if meta.get("uid") != self.uid:
+            return  # replaced meanwhile (--overwrite elsewhere): not ours to annotate
+        meta.update({k: v for k, v in items.items() if k not in ("fingerprint", "uid", "format_version")})
+        arr.update_attributes({ATTR_KEY: meta})
+        self.meta = meta
+
     # ---- description -------------------------------------------------------------------------------------------
     @property
     def feature(self) -> str:

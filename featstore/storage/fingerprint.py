@@ -15,6 +15,8 @@ def fingerprint_diff(old: dict, new: dict, old_meta: dict | None = None, new_met
             continue
         if k == "pack" and old.get(k, 1) == new.get(k, 1):
             continue
+        if k == "precision" and old.get(k, "float32") == new.get(k, "float32"):  # arrays made before --precision
+            continue
         if old.get(k) == new.get(k):
             continue
         if k == "images" and old_meta and new_meta:
