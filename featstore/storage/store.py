@@ -15,7 +15,7 @@ from zarr.storage import LocalStore, MemoryStore
 
 from ..errors import FingerprintMismatchError, NotFoundInStoreError, StoreError, one_line
 from ..layout import normalize_subj
-from ._zarr_compat import buffer_prototype, list_dir, local_root, run
+from ._zarr_compat import buffer_prototype, list_dir, local_root, quiet_numcodecs, run
 from .array import FeatureArray
 from .fingerprint import fingerprint_diff
 from .remote import fsspec_store, is_url, local_path, set_if_not_exists
@@ -29,6 +29,7 @@ from .schema import (
     ArraySpec,
     array_path,
     compressors,
+    filters,
     image_dim,
     jsonable,
     nsd_ids,
@@ -114,7 +115,7 @@ class FeatureStore:
                 f"{self.location} has no array {path}; it contains: {', '.join(have) if have else 'nothing'}"
             )
         try:
-            with zarr.config.set(WRITE_CONFIG):  # captured when the array is opened (zarr >= 3.1.3)
+            with zarr.config.set(WRITE_CONFIG), quiet_numcodecs():  # config: captured when opened (zarr >= 3.1.3)
                 arr = zarr.open_array(self.zstore, path=path, mode="r" if self.read_only else "a")
         except Exception as e:  # noqa: BLE001 - zarr raises many types for an unreadable definition
             raise StoreError(f"{self.location}: cannot open the array {path} ({one_line(e)})") from None
@@ -152,7 +153,8 @@ class FeatureStore:
         arr = zarr.create_array(
             mem, name=path, shape=shape, chunks=chunks, dtype=dtype,
             shards=(chunk * pack,) + tuple(shape[1:]) if pack > 1 else None,
-            compressors=compressors(codec or DEFAULT_CODEC, dtype), fill_value=np.nan,
+            filters=filters(codec or DEFAULT_CODEC, dtype), compressors=compressors(codec or DEFAULT_CODEC, dtype),
+            fill_value=np.nan,
             dimension_names=(image_dim(split), TOKEN_DIM, CHANNEL_DIM),
         )
         fingerprint = jsonable({  # as stored (tuples become lists: the sharding codec's chunk_shape is a tuple)
