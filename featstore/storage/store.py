@@ -89,11 +89,12 @@ class FeatureStore:
     def list_arrays(self) -> list[str]:
         """All feature arrays as 'feature/subj/split', sorted."""
         out = []
-        for fname, fgroup in self.root.groups():
-            for sname, sgroup in fgroup.groups():
-                for aname, arr in sgroup.arrays():
-                    if ATTR_KEY in arr.attrs:
-                        out.append(array_path(fname, sname, aname))
+        with quiet_numcodecs():  # listing parses every array's metadata
+            for fname, fgroup in self.root.groups():
+                for sname, sgroup in fgroup.groups():
+                    for aname, arr in sgroup.arrays():
+                        if ATTR_KEY in arr.attrs:
+                            out.append(array_path(fname, sname, aname))
         return sorted(out)
 
     def arrays(self, feature: str | None = None, subj: str | None = None, split: str | None = None) -> list[FeatureArray]:
