@@ -95,6 +95,8 @@ def test_plain_zarr_reads_a_bitround_array_and_the_codec_is_in_its_metadata(tmp_
     assert [c["name"] for c in codecs[1:]] == ["bytes", "blosc", "crc32c"]
     assert (codecs[2]["configuration"]["cname"], codecs[2]["configuration"]["shuffle"]) == ("lz4", "bitshuffle")
     assert codec_name(codecs) == "bitround-5"
+    attrs = json.loads((tmp_path / "s.zarr/f/01/train/zarr.json").read_text())["attributes"]["featstore"]
+    assert attrs["codec"] == "bitround-5"
     with warnings.catch_warnings():  # zarr says numcodecs codecs are outside the v3 spec: true, and in the README
         warnings.simplefilter("ignore")
         plain = zarr.open_array(tmp_path / "s.zarr", path="f/01/train", mode="r")[:]

@@ -163,7 +163,8 @@ class FeatureStore:
             "chunks": list(arr.chunks), "pack": pack, "codecs": [c.to_dict() for c in arr.metadata.codecs],
         })
         arr.attrs.update({
-            ATTR_KEY: {**meta, "format_version": FORMAT_VERSION, "uid": uid, "fingerprint": fingerprint},
+            ATTR_KEY: {**meta, "format_version": FORMAT_VERSION, "uid": uid, "fingerprint": fingerprint,
+                       "codec": codec or DEFAULT_CODEC},  # the --codec name (bitround-K: lossy), for provenance
             "coordinates": f"{split}_nsd_id",  # CF/xarray: the NSD ids label the images too
         })
         for parent in (feature, f"{feature}/{subj}"):
