@@ -306,7 +306,7 @@ def _info_cells(out: str, array: str) -> dict[str, str]:
     """The cells of `array`'s row of the `info` table, cut at the header's column starts."""
     lines = out.splitlines()
     head, row = lines[1], next(line for line in lines if line.startswith(array + " "))
-    names = ["array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights"]
+    names = ["array", "shape", "dtype", "chunks", "codec", "on disk", "ratio", "vs f32 npy", "done", "weights"]
     starts = [head.index(n) for n in names] + [None]
     return {n: row[a:b].strip() for n, a, b in zip(names, starts, starts[1:])}
 

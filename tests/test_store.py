@@ -310,7 +310,7 @@ def test_info_runs_without_importing_torch():
 
 
 @pytest.mark.parametrize("flag,value", [("--subj", "abc"), ("--backbone", "resnet"), ("--weights", "missing.pth"),
-                                        ("--enc_layer", "x"), ("--data_dir", "nowhere")])
+                                        ("--enc_layer", "x"), ("--data_dir", "nowhere"), ("--codec", "bitround-11")])
 def test_extract_argument_errors_come_before_torch(subject, tmp_path, flag, value):
     """A wrong flag is reported without loading torch (a fraction of a second, not a model load)."""
     args = {"--data_dir": str(subject), "--output_dir": str(tmp_path / "s.zarr"), "--weights": "random",

@@ -10,7 +10,7 @@ from ..backbones import check_layer_spec, check_weights_arg, get_backbone, list_
 from ..errors import BadArgumentError
 from ..flags import flag
 from ..layout import normalize_subj
-from ..storage import CODECS, DEFAULT_CODEC, compressors
+from ..storage import CODECS, DEFAULT_CODEC, keepbits
 from .precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -46,9 +46,10 @@ class ExtractConfig:
                           "is recorded in the array's provenance)", choices=PRECISIONS)
     chunk: int = flag(1, "samples per storage chunk")
     pack: int = flag(1, "chunks per stored object (Zarr sharding), for object storage; 1: no packing")
-    codec: str | None = flag(None, f"chunk compression of new arrays, always followed by a crc32c checksum (default "
-                             f"{DEFAULT_CODEC}; an existing array resumes in its own codec unless this is given)",
-                             choices=tuple(CODECS))
+    codec: str | None = flag(None, f"chunk compression of new arrays, always followed by a crc32c checksum: "
+                             f"{', '.join(CODECS)} (lossless), or bitround-K (lossy: K mantissa bits kept, 1..10 "
+                             f"for float16, 1..23 for float32, then lz4-bitshuffle) (default {DEFAULT_CODEC}; an "
+                             f"existing array resumes in its own codec unless this is given)", metavar="CODEC")
     num_workers: int = flag(2, "image-decoding DataLoader workers")
     shard: str | tuple[int, int] | None = flag(
         None, "K/N: fill only share K (0-based) of N, for parallel writers; auto: from SLURM/torchrun variables")
@@ -73,7 +74,7 @@ class ExtractConfig:
         if self.num_workers < 0:
             raise BadArgumentError(f"{self.num_workers}: must be >= 0", param="num_workers")
         if self.codec is not None:
-            compressors(self.codec, self.dtype)  # names the flag when unknown
+            keepbits(self.codec, self.dtype)  # names the flag when unknown, or K out of range for the dtype
         if isinstance(self.backbone, (str, list, tuple)):  # else a built Backbone
             parse_backbones(self.backbone)  # unknown names and unshareable mixes fail before anything is printed
             check_layer_spec(self.enc_layer)

@@ -19,14 +19,14 @@ CONSTANT_ULPS = 4  # a channel whose std is below 4 units in the last place of i
 
 # ---- the store --------------------------------------------------------------------------------------------------------
 def format_info(store) -> str:
-    """The `featstore info` table: one row per array with shape, dtype, chunks, bytes on disk, compression ratios,
-    completion and weights. The ratios count the done chunks only (raw bytes against the stored bytes of those same
+    """The `featstore info` table: one row per array with shape, dtype, chunks, codec (the --codec name: bitround-K
+    is lossy), bytes on disk, compression ratios, completion and weights. The ratios count the done chunks only (raw bytes against the stored bytes of those same
     chunks), so an incomplete array is not flattered; they show "-" while no chunk is done. Completion counts the
     unit a done marker covers, named: "40/40 chunks", or "5/5 packs" where --pack put K chunks in one object."""
     from ..storage import FeatureStore, path_in_use
 
     fs = FeatureStore.open(store)
-    header = ("array", "shape", "dtype", "chunks", "on disk", "ratio", "vs f32 npy", "done", "weights")
+    header = ("array", "shape", "dtype", "chunks", "codec", "on disk", "ratio", "vs f32 npy", "done", "weights")
     rows, arrays = [], list(fs.arrays())
     for fa in arrays:
         a = fa.summary()
@@ -35,7 +35,7 @@ def format_info(store) -> str:
         rows.append((
             fa.path, "x".join(map(str, a["shape"])), a["dtype"],
             "x".join(map(str, a["chunks"])) + (f" ({a['chunks_per_unit']}/pack)" if a["unit"] == "pack" else ""),
-            f"{a['bytes_on_disk'] / 1e6:.1f} MB", _ratio(a["ratio"]), _ratio(a["ratio_vs_float32"]),
+            a["codec"], f"{a['bytes_on_disk'] / 1e6:.1f} MB", _ratio(a["ratio"]), _ratio(a["ratio_vs_float32"]),
             f"{a['done']}/{a['total']} {a['unit']}s", wdesc.strip(),
         ))
     if not rows:

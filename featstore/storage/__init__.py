@@ -8,7 +8,18 @@ from .array import FeatureArray, VerifyReport
 from .completion import CompletionRecord, WriterLock
 from .fingerprint import fingerprint_diff, image_list_diff
 from .remote import is_url
-from .schema import CODECS, DEFAULT_CODEC, FORMAT_VERSION, ArraySpec, compressors, nsd_ids, split_path
+from .schema import (
+    CODECS,
+    DEFAULT_CODEC,
+    FORMAT_VERSION,
+    ArraySpec,
+    codec_name,
+    compressors,
+    filters,
+    keepbits,
+    nsd_ids,
+    split_path,
+)
 from .store import FeatureStore, check_writable_dir
 
 __all__ = [
@@ -22,10 +33,13 @@ __all__ = [
     "VerifyReport",
     "WriterLock",
     "check_writable_dir",
+    "codec_name",
     "compressors",
+    "filters",
     "fingerprint_diff",
     "image_list_diff",
     "is_url",
+    "keepbits",
     "nsd_ids",
     "path_in_use",
     "split_path",

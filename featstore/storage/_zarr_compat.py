@@ -11,6 +11,10 @@ three zarr internals, all checked here, once:
 - ``zarr.storage._local._put`` (the atomic write LocalStore.set uses; zarr >= 3.1.3);
 - ``zarr.core.sync.sync`` (run a store coroutine from sync code).
 
+zarr's wrapper of numcodecs' BitRound (the lossy `bitround-K` codec) has no sync path; the fast path runs numcodecs'
+own BitRound in its place (public numcodecs API, the same function zarr's wrapper calls), so a bitround array stays
+on the fast path, with bytes identical to zarr's (tested).
+
 Where any is missing (or the configuration says ``chunkio: public``, FEATSTORE_CHUNKIO=public), zarr's public API
 is used instead; CI runs the store, resume and dataset tests on both paths, and the suite checks that they write
 identical bytes and read identical values. `path_in_use()` says which one this process takes.
@@ -22,17 +26,21 @@ writers cannot overwrite each other's array definition (fallback: zarr's check-t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numcodecs
 import numpy as np
 import zarr
 from zarr.buffer import default_buffer_prototype
+from zarr.codecs.numcodecs import BitRound
 from zarr.storage import LocalStore
 
 from ..config import chunkio, config, positive_int
@@ -134,6 +142,50 @@ def buffer(data: bytes):
     return default_buffer_prototype().buffer.from_bytes(data)
 
 
+# ---- numcodecs' BitRound --------------------------------------------------------------------------------------------
+_NUMCODECS_WARNING = "Numcodecs codecs are not in the Zarr version 3 specification"
+
+
+def bitround_filter(keepbits: int) -> BitRound:
+    """zarr's BitRound filter, without the warning zarr gives for every numcodecs codec (the README says which
+    readers know it)."""
+    with quiet_numcodecs():
+        return BitRound(keepbits=keepbits)
+
+
+@contextlib.contextmanager
+def quiet_numcodecs():
+    """Opening an array that holds a numcodecs codec makes zarr warn, every time, that other zarr implementations
+    may not read it: said once in the README instead of on every open."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NUMCODECS_WARNING)
+        yield
+
+
+class _SyncBitRound:
+    """numcodecs' BitRound with the sync interface of zarr's codecs: what zarr's async wrapper does, minus the thread
+    hop (encode: round, keep the integer view zarr passes on; decode: view as float, in the chunk's shape)."""
+
+    def __init__(self, codec: BitRound):
+        self.codec = numcodecs.BitRound(keepbits=int(codec.codec_config["keepbits"]))
+
+    def _encode_sync(self, buf, spec):
+        return spec.prototype.nd_buffer.from_ndarray_like(self.codec.encode(buf.as_ndarray_like()))
+
+    def _decode_sync(self, buf, spec):
+        out = self.codec.decode(buf.as_ndarray_like())
+        return spec.prototype.nd_buffer.from_ndarray_like(out.reshape(spec.shape))
+
+
+def _sync(codec):
+    """The codec itself where it has a sync path, a sync stand-in for BitRound, else None."""
+    if isinstance(codec, SupportsSyncCodec):
+        return codec
+    if isinstance(codec, BitRound):
+        return _SyncBitRound(codec)
+    return None
+
+
 # ---- synchronous codecs -----------------------------------------------------------------------------------------------
 def codec_steps(arr: zarr.Array, local: bool) -> list | None:
     """[(codec, chunk spec it sees)] in encode order, or None where zarr's own path must be used (remote stores,
@@ -141,12 +193,13 @@ def codec_steps(arr: zarr.Array, local: bool) -> list | None:
     if not (local and fast_enabled()):
         return None
     codecs = list(arr.metadata.codecs)  # array->array, array->bytes, bytes->bytes
-    if not all(isinstance(c, SupportsSyncCodec) for c in codecs):
+    runners = [_sync(c) for c in codecs]
+    if any(r is None for r in runners):
         return None
     spec = arr.metadata.get_chunk_spec((0,) * arr.ndim, arr.config, default_buffer_prototype())
     steps = []
-    for codec in codecs:
-        steps.append((codec, spec))
+    for codec, runner in zip(codecs, runners):
+        steps.append((runner, spec))
         spec = codec.resolve_metadata(spec)
     return steps
 

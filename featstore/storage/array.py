@@ -12,7 +12,7 @@ import zarr
 from ..errors import CorruptChunkError, IncompleteArrayError
 from ._zarr_compat import codec_steps, decoder, encoder, fsync_all, io_pool, list_prefix, put_file, run
 from .completion import CompletionRecord, WriterLock
-from .schema import ATTR_KEY, split_path
+from .schema import ATTR_KEY, codec_name, split_path
 
 
 @dataclass
@@ -303,6 +303,7 @@ class FeatureArray:
             "ratio": raw * self.dtype.itemsize / stored if stored and raw else float("nan"),
             "ratio_vs_float32": raw * 4 / stored if stored and raw else float("nan"),
             "done": len(done), "total": self.nchunks, "weights": self.meta.get("weights", {}),
+            "codec": codec_name([c.to_dict() for c in self.zarr.metadata.codecs]),
         }
 
     def nbytes_stored(self) -> int:

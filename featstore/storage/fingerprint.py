@@ -35,6 +35,8 @@ def _codec_label(codecs: list[dict] | None) -> str:
         cfg = c.get("configuration", {})
         if c.get("name") == "blosc":
             steps.append(f"blosc {cfg.get('cname')} {cfg.get('shuffle')}")
+        elif c.get("name") == "numcodecs.bitround":
+            steps.append(f"bitround-{cfg.get('keepbits')}")
         elif c.get("name") not in ("bytes", "crc32c"):
             steps.append(str(c.get("name")))
     return " + ".join(steps) or "none"

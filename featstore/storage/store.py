@@ -15,7 +15,7 @@ from zarr.storage import LocalStore, MemoryStore
 
 from ..errors import FingerprintMismatchError, NotFoundInStoreError, StoreError, one_line
 from ..layout import normalize_subj
-from ._zarr_compat import buffer_prototype, list_dir, local_root, run
+from ._zarr_compat import buffer_prototype, list_dir, local_root, quiet_numcodecs, run
 from .array import FeatureArray
 from .fingerprint import fingerprint_diff
 from .remote import fsspec_store, is_url, local_path, set_if_not_exists
@@ -29,6 +29,7 @@ from .schema import (
     ArraySpec,
     array_path,
     compressors,
+    filters,
     image_dim,
     jsonable,
     nsd_ids,
@@ -88,11 +89,12 @@ class FeatureStore:
     def list_arrays(self) -> list[str]:
         """All feature arrays as 'feature/subj/split', sorted."""
         out = []
-        for fname, fgroup in self.root.groups():
-            for sname, sgroup in fgroup.groups():
-                for aname, arr in sgroup.arrays():
-                    if ATTR_KEY in arr.attrs:
-                        out.append(array_path(fname, sname, aname))
+        with quiet_numcodecs():  # listing parses every array's metadata
+            for fname, fgroup in self.root.groups():
+                for sname, sgroup in fgroup.groups():
+                    for aname, arr in sgroup.arrays():
+                        if ATTR_KEY in arr.attrs:
+                            out.append(array_path(fname, sname, aname))
         return sorted(out)
 
     def arrays(self, feature: str | None = None, subj: str | None = None, split: str | None = None) -> list[FeatureArray]:
@@ -114,7 +116,7 @@ class FeatureStore:
                 f"{self.location} has no array {path}; it contains: {', '.join(have) if have else 'nothing'}"
             )
         try:
-            with zarr.config.set(WRITE_CONFIG):  # captured when the array is opened (zarr >= 3.1.3)
+            with zarr.config.set(WRITE_CONFIG), quiet_numcodecs():  # config: captured when opened (zarr >= 3.1.3)
                 arr = zarr.open_array(self.zstore, path=path, mode="r" if self.read_only else "a")
         except Exception as e:  # noqa: BLE001 - zarr raises many types for an unreadable definition
             raise StoreError(f"{self.location}: cannot open the array {path} ({one_line(e)})") from None
@@ -152,7 +154,8 @@ class FeatureStore:
         arr = zarr.create_array(
             mem, name=path, shape=shape, chunks=chunks, dtype=dtype,
             shards=(chunk * pack,) + tuple(shape[1:]) if pack > 1 else None,
-            compressors=compressors(codec or DEFAULT_CODEC, dtype), fill_value=np.nan,
+            filters=filters(codec or DEFAULT_CODEC, dtype), compressors=compressors(codec or DEFAULT_CODEC, dtype),
+            fill_value=np.nan,
             dimension_names=(image_dim(split), TOKEN_DIM, CHANNEL_DIM),
         )
         fingerprint = jsonable({  # as stored (tuples become lists: the sharding codec's chunk_shape is a tuple)
@@ -160,7 +163,8 @@ class FeatureStore:
             "chunks": list(arr.chunks), "pack": pack, "codecs": [c.to_dict() for c in arr.metadata.codecs],
         })
         arr.attrs.update({
-            ATTR_KEY: {**meta, "format_version": FORMAT_VERSION, "uid": uid, "fingerprint": fingerprint},
+            ATTR_KEY: {**meta, "format_version": FORMAT_VERSION, "uid": uid, "fingerprint": fingerprint,
+                       "codec": codec or DEFAULT_CODEC},  # the --codec name (bitround-K: lossy), for provenance
             "coordinates": f"{split}_nsd_id",  # CF/xarray: the NSD ids label the images too
         })
         for parent in (feature, f"{feature}/{subj}"):
