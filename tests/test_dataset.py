@@ -322,6 +322,69 @@ def test_normalize_with_cat_clip_scales_clip_channels_by_clip_cls_statistics(tmp
         torch.testing.assert_close(img[DINO[2] :, 4, 7], torch.tensor(expected, dtype=torch.float32))
 
 
+# ---- float16 delivery -----------------------------------------------------------------------------------------------
+def _assert_half_of_float32(f16: FeatureDataset, f32: FeatureDataset) -> None:
+    """Every float16 item is the float32 item rounded once, bit for bit, in the same (H, W, C) buffer layout."""
+    assert len(f16) == len(f32) and f16.dtype == "float16"
+    for i in range(len(f32)):
+        a, b = f16[i], f32[i]
+        assert a.dtype == torch.float16 and b.dtype == torch.float32 and a.shape == b.shape
+        assert a.stride() == b.stride()  # a (C, H, W) view of an (H, W, C) buffer, as the float32 item
+        assert torch.equal(a, b.half())
+
+
+@pytest.mark.parametrize("feature", [DINO[0], CLIP[0]])  # stored float16 / stored float32 (rounded once)
+def test_float16_items_are_float32_items_rounded_once(store, feature):
+    kw = {"feature": feature, "split": "train"}
+    _assert_half_of_float32(FeatureDataset(store["root"], dtype="float16", **kw), FeatureDataset(store["root"], **kw))
+
+
+def test_float16_items_are_the_stored_values_unconverted(store):
+    ds = FeatureDataset(store["root"], dtype="float16")
+    for i in range(len(ds)):
+        expected = legacy_item(store["dino"][i], DINO[1])  # the stored float16 values, never through float32
+        assert expected.dtype == torch.float16 and torch.equal(ds[i], expected)
+    assert "dtype='float16'" in repr(ds)
+
+
+def test_float16_with_normalize_and_cat_clip_rounds_the_float32_item_once(tmp_path):
+    fs = FeatureStore(tmp_path / "st", "a")
+    make_array(fs, DINO[0], 3, DINO[1], DINO[2])
+    make_array(fs, CLIP[0], 3, CLIP[1], CLIP[2], dtype="float32")
+    _save_stats(fs, DINO[0], "patch", DINO[2], 0)
+    _save_stats(fs, CLIP[0], "cls", CLIP[2], 1)
+    for kw in ({"normalize": "channel"}, {"cat_clip": True}, {"cat_clip": True, "normalize": "channel"}):
+        f16 = FeatureDataset(tmp_path / "st", dtype="float16", **kw)
+        _assert_half_of_float32(f16, FeatureDataset(tmp_path / "st", **kw))
+        assert not torch.equal(f16[0].float(), FeatureDataset(tmp_path / "st", **kw)[0])  # really rounded
+
+
+def test_float16_items_with_fmri_targets_in_workers(store, tmp_path):
+    """Features float16, targets float32 as before, through DataLoader workers and channels_last_collate."""
+    from featstore.encoding import channels_last_collate
+
+    fmri = write_fmri(tmp_path / "subj01", store["n"])
+    f16 = FeatureDataset(store["root"], data_dir=tmp_path / "subj01", dtype="float16")
+    f32 = FeatureDataset(store["root"], data_dir=tmp_path / "subj01")
+    loader = DataLoader(f16, batch_size=4, num_workers=2, collate_fn=channels_last_collate)
+    seen = 0
+    for x, y in loader:
+        b = len(x)
+        assert x.dtype == torch.float16 and x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, torch.stack([f32[seen + k][0] for k in range(b)]).half())
+        for h in ("lh", "rh"):
+            assert y[f"{h}_f"].dtype == torch.float32
+            assert torch.equal(y[f"{h}_f"], torch.from_numpy(fmri[h][seen : seen + b]))
+        seen += b
+    assert seen == store["n"]
+
+
+def test_bad_dtype_names_the_argument(store):
+    with pytest.raises(BadArgumentError, match=r"^dtype 'bfloat16': choose one of 'float32', 'float16'$") as e:
+        FeatureDataset(store["root"], dtype="bfloat16")
+    assert e.value.param == "dtype"
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------------
 def test_index_out_of_range_and_bad_indices(store):
     ds = FeatureDataset(store["root"], indices=[1, 2])
