@@ -223,9 +223,13 @@ class FeatureDataset(Dataset):
         if clip is not None:
             _require_done(clip, j, self._clip_chunk_len, self._clip_undone)
         h, w = self.grid
-        x = _as_tensor(fa.read_sample(j))[self._first :]
+        raw = fa.read_sample(j)
+        x = _as_tensor(raw)[self._first :]
         # float16 out of float16 values is a plain copy; any other value is computed in float32 and rounded once
-        direct = self.dtype == "float32" or (x.dtype == torch.float16 and self._scale is None and clip is None)
+        as_stored = self.dtype == "float16" and x.dtype == torch.float16 and self._scale is None and clip is None
+        if as_stored and raw.flags.writeable and self._chunk_len == 1:  # a buffer of this sample's own: no copy
+            return self._item(x, j)
+        direct = self.dtype == "float32" or as_stored
         out = torch.empty((h * w, self.channels), dtype=DTYPES[self.dtype] if direct else torch.float32)
         feat = out[:, : self._c]
         if self._scale is None:
@@ -239,7 +243,11 @@ class FeatureDataset(Dataset):
             out[:, self._c :] = cls
         if out.dtype != DTYPES[self.dtype]:
             out = out.to(DTYPES[self.dtype])
-        img = out.view(h, w, self.channels).permute(2, 0, 1)
+        return self._item(out, j)
+
+    def _item(self, out: torch.Tensor, j: int):
+        """The (C, H, W) view of the contiguous (H*W, C) features, with the fMRI targets where there are."""
+        img = out.view(*self.grid, self.channels).permute(2, 0, 1)
         if self._fmri is None:
             return img
         return img, self._fmri_rows(j)

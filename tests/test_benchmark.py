@@ -12,11 +12,13 @@ from pathlib import Path
 BENCHMARK = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
 ROWS = [
     "write", "write-bytes", "write-nofsync", "write-lossless", "write-lossless-bytes",
-    "extract", "read", "read-2workers", "startup-time", "startup-rss", "startup-100", "startup-time-memmap",
+    "extract", "batch-f32", "batch-f32-2workers", "batch-f16", "loader", "read", "read-2workers", "startup-time", "startup-rss", "startup-100", "startup-time-memmap",
     "startup-rss-memmap", "startup-100-memmap", "stats", "resume", "resume-noop", "layers", "layers-rss", "train",
 ]
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt}  # written here, not taken from the benchmark
 READ_ON_OTHER = {"write-bytes", "write-lossless-bytes", "layers-rss"}  # rows whose bound is not read on the ratio
+INFORMATION = {"read", "read-2workers", "train"}  # rows measured and judged but not counted
+BATCH_ROWS = {"batch-f32": 1.0, "batch-f32-2workers": 1.0, "batch-f16": 2.0, "loader": 2.0}  # counted: their bounds
 
 
 @cache
@@ -50,6 +52,10 @@ def test_row_judging_on_both_sides_of_the_bound():
     assert not row("x", None, ">= 1.0x y", (">=", 1.0), "a", "b")["meets"]
     failed = rebound(good, 2.0)
     assert not failed["meets"] and failed["bound"] == 2.0 and failed["target"].startswith(">= 2 ")
+    info = row("x", 0.8, ">= 1.0x y (information)", (">=", 1.0), "a", "b", counted=False)
+    assert good["counted"] and not info["counted"] and not info["meets"] and not rebound(info, 0.5)["counted"]
+    table = runner().format_table([good, info], "header").splitlines()
+    assert table[3].rstrip().endswith("yes") and table[4].rstrip().endswith("info")  # not counted: no verdict shown
 
 
 def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
@@ -63,7 +69,8 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
     capfd.readouterr()
-    assert bench.main(["--quick", "--json", str(out), "--dir", str(work), "--bound", "resume=-1"]) == 0
+    impossible = [a for name in BATCH_ROWS for a in ("--bound", f"{name}=1e9")]  # a batch rate ratio never 1e9
+    assert bench.main(["--quick", "--json", str(out), "--dir", str(work), "--bound", "resume=-1", *impossible]) == 0
     r = capfd.readouterr()  # (out, err)
     rows = json.loads(out.read_text())
     assert isinstance(rows, list)
@@ -80,7 +87,9 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
         if name not in READ_ON_OTHER:
             assert row["judged"] == row["ratio"], row
         assert row["meets"] == expected_meets(row), row
-        assert table[name].rstrip().endswith("yes" if row["meets"] else "NO"), table[name]
+        assert row["counted"] == (name not in INFORMATION), row
+        met = "info" if name in INFORMATION else "yes" if row["meets"] else "NO"
+        assert table[name].rstrip().endswith(met), table[name]
     assert by_name["write-bytes"]["judged"] == by_name["write-bytes"]["codec_ratio"]
     rss = by_name["layers-rss"]
     assert math.isclose(rss["judged"], rss["featstore_mb"] - rss["baseline_mb"]), rss
@@ -89,3 +98,7 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
     assert resume["killed"] and resume["identical"] and resume["recomputed"] <= resume["n"] - resume["done_at_kill"], resume
     assert resume["also"] == {"identical": True}
     assert resume["bound"] == -1 and not resume["meets"], resume  # a recount ratio is >= 0: it cannot meet -1
+    for name, bound in BATCH_ROWS.items():  # each counted batch row fails against an impossible bound
+        r = by_name[name]
+        assert r["bound"] == 1e9 and not r["meets"] and r["op"] == ">=" and f">= {bound:.1f}x" in r["target"], r
+        assert r["unit"] == "batches/s" and r["featstore_rate"] > 0 and r["baseline_rate"] > 0, r

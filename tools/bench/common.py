@@ -122,17 +122,19 @@ def judge(value: float | None, op: str, bound: float) -> bool:
 
 
 def row(name: str, ratio: float | None, target: str, check: tuple[str, float], featstore: str, baseline: str,
-        notes: str = "", *, on: float | None = None, also: dict[str, bool] | None = None, **extra) -> dict[str, Any]:
+        notes: str = "", *, on: float | None = None, also: dict[str, bool] | None = None, counted: bool = True,
+        **extra) -> dict[str, Any]:
     """One row. `check` = (op, bound), read on `on` (default: the ratio); `also`: further conditions the row needs
     (e.g. an identical store). meets = the bound holds and every condition is true. The JSON keeps op, bound, judged
-    (the value read) and also, so that a reader can judge the row again."""
+    (the value read) and also, so that a reader can judge the row again. counted=False: information, judged and
+    shown but not a target of the benchmark (the table says "info")."""
     op, bound = check
     judged = ratio if on is None else on
     conds = {k: bool(v) for k, v in (also or {}).items()}
     return {"name": name, "ratio": None if ratio is None else float(ratio), "target": target,
             "meets": judge(judged, op, bound) and all(conds.values()), "featstore": featstore, "baseline": baseline,
             "notes": notes, "op": op, "bound": float(bound), "judged": None if judged is None else float(judged),
-            "also": conds, **extra}
+            "also": conds, "counted": bool(counted), **extra}
 
 
 def rebound(r: dict[str, Any], bound: float) -> dict[str, Any]:
