@@ -13,7 +13,14 @@ from conftest import TINY
 from torch.utils.data import DataLoader
 
 from featstore import FeatureDataset, FeatureStore, export_npy, extract, make_sample_subject, train_val_split
-from featstore.errors import BadArgumentError, IncompleteArrayError, LayoutError, NotFoundInStoreError, StoreError
+from featstore.errors import (
+    BadArgumentError,
+    CorruptChunkError,
+    IncompleteArrayError,
+    LayoutError,
+    NotFoundInStoreError,
+    StoreError,
+)
 from featstore.storage import ArraySpec, _zarr_compat
 
 DINO = ("dinov2_q_last", (31, 31), 8)  # feature, real grid, small C
@@ -377,6 +384,34 @@ def test_float16_items_with_fmri_targets_in_workers(store, tmp_path):
             assert torch.equal(y[f"{h}_f"], torch.from_numpy(fmri[h][seen : seen + b]))
         seen += b
     assert seen == store["n"]
+
+
+@pytest.mark.parametrize("codec, pack", [("none", 1), ("lz4", 1), ("none", 2)])
+def test_float16_items_on_every_read_path(tmp_path, codec, pack):
+    """A plain chunk is read straight into the item's buffer (its own, writeable: changing it changes no other read),
+    a compressed or packed one decoded then copied; all give the stored values. A truncated plain chunk is corrupt."""
+    fs = FeatureStore(tmp_path / "st", "a")
+    t, n = 1 + DINO[1][0] * DINO[1][1], 4
+    meta = {"token_layout": {"cls_index": 0, "grid": list(DINO[1]), "n_tokens": t}, "image_names": names(n)}
+    fa, _ = fs.prepare(DINO[0], "01", "train", ArraySpec((n, t, DINO[2]), 1, "float16", codec, pack), meta=meta,
+                       fingerprint={})
+    data = (np.random.default_rng(0).standard_normal((n, t, DINO[2])) * 3).astype(np.float16)
+    fa.write_chunks(0, data, durable=False)
+    fa = fs.get(DINO[0], "01", "train")
+    plain = codec == "none" and pack == 1 and _zarr_compat.fast_enabled()
+    assert (fa._raw_reader is not None) == plain
+    ds = FeatureDataset(tmp_path / "st", dtype="float16")
+    for i in range(n):
+        item = ds[i]
+        assert torch.equal(item, legacy_item(data[i], DINO[1]))
+        assert torch.equal(item, FeatureDataset(tmp_path / "st")[i].half())
+        item.zero_()  # an item is the caller's own
+        assert torch.equal(ds[i], legacy_item(data[i], DINO[1]))
+    if plain:
+        chunk_file = tmp_path / "st" / DINO[0] / "01" / "train" / "c" / "2" / "0" / "0"
+        chunk_file.write_bytes(chunk_file.read_bytes()[:-10])
+        with pytest.raises(CorruptChunkError, match=r"chunk 2 is corrupt \(\d+ bytes, expected \d+\)"):
+            ds[2]
 
 
 def test_bad_dtype_names_the_argument(store):

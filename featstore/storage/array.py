@@ -215,7 +215,8 @@ class FeatureArray:
 
         On a plain local store the chunk file is read and decoded in the calling thread (_zarr_compat), which is
         2-2.5x faster than zarr's own path for one-sample chunks; without a compressor it is read straight into a
-        new writeable array (a row of it), which the caller may keep without copying.
+        new writeable array (a row of it). Every call reads anew and nothing is cached: a writeable result is the
+        caller's own, to keep without copying (FeatureDataset's float16 items do).
         """
         if self._steps is None:
             return self.read(j)[0]

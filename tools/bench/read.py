@@ -118,8 +118,9 @@ def rows_read(ctx) -> list[dict]:
     for name, (dtype, workers, bound) in BATCH_ROWS.items():
         fs_rate, mm_rate = 1 / best[dtype, workers] / BATCH, 1 / best["memmap", workers] / BATCH
         how = "single process" if workers == 0 else f"DataLoader(num_workers={workers})"
-        out.append(row(name, fs_rate / mm_rate, targets[name], (">=", bound), f"{fs_rate:.1f} batches/s",
-                       f"memmap {mm_rate:.1f} batches/s",
+        out.append(row(name, fs_rate / mm_rate, targets[name], (">=", bound),
+                       f"{fs_rate:.1f} batches/s ({fs_rate * BATCH:.0f} samples/s)",
+                       f"memmap {mm_rate:.1f} batches/s ({mm_rate * BATCH:.0f} samples/s)",
                        f"{how}, batch_size={BATCH}, random order, steady state after the first batch; store: "
                        f"FeatureDataset(dtype={dtype!r}) + channels_last_collate, one contiguous {dtype} (B, 31, 31, "
                        "768) buffer; memmap: the legacy LegacyNpy + default_collate, a contiguous float32 NCHW batch; "
