@@ -325,8 +325,17 @@ def test_float16_loader_trains_exactly_as_float32_items(data):
     assert [e["val_perf"] for e in half["history"]] == [e["val_perf"] for e in auto["history"]]
     for h in ("lh", "rh"):
         assert np.array_equal(runs["float16"].test_pred[h], runs["auto"].test_pred[h])
-    assert TrainConfig(store="s", data_dir="d").loader_dtype("cuda") == "float16"
+    cfg = TrainConfig(store="s", data_dir="d")
+    assert cfg.loader_dtype("cuda") == "float16" and cfg.loader_dtype("cpu") == "float32"
     assert TrainConfig(store="s", data_dir="d", feature_dtype="float32").loader_dtype("cuda") == "float32"
+    from featstore.encoding.train import _features_to, _loader
+
+    ds = FeatureDataset(data["store"], dtype="float16")
+    assert _loader(ds, cfg, torch.device("cuda"), shuffle=False).pin_memory  # built only: no CUDA needed
+    assert not _loader(ds, cfg, torch.device("cpu"), shuffle=False).pin_memory
+    x = channels_last_collate([ds[i] for i in range(2)])
+    y = _features_to(x, torch.device("cpu"))
+    assert y.dtype == torch.float32 and torch.equal(y, x.float()) and y.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_sine_position_encoding_is_detrs():

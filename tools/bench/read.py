@@ -121,9 +121,9 @@ def rows_read(ctx) -> list[dict]:
         out.append(row(name, fs_rate / mm_rate, targets[name], (">=", bound),
                        f"{fs_rate:.1f} batches/s ({fs_rate * BATCH:.0f} samples/s)",
                        f"memmap {mm_rate:.1f} batches/s ({mm_rate * BATCH:.0f} samples/s)",
-                       f"{how}, batch_size={BATCH}, random order, steady state after the first batch; store: "
-                       f"FeatureDataset(dtype={dtype!r}) + channels_last_collate, one contiguous {dtype} (B, 31, 31, "
-                       "768) buffer; memmap: the legacy LegacyNpy + default_collate, a contiguous float32 NCHW batch; "
+                       f"{how}, batch_size={BATCH}, random order, steady state after the first batch; store "
+                       f"(float16): FeatureDataset(dtype={dtype!r}) + channels_last_collate, one contiguous {dtype} "
+                       "(B, 31, 31, 768) buffer; memmap: the legacy LegacyNpy + default_collate, a contiguous float32 NCHW batch; "
                        "page cache warm (both files read once before)",
                        featstore_rate=fs_rate * BATCH, baseline_rate=mm_rate * BATCH, unit="batches/s"))
     out += _per_sample_rows(ctx, store, npy, order, targets, FeatureDataset)
