@@ -1,7 +1,10 @@
 """Lazy torch Dataset over a feature store: CLS strip, grid reshape, CLIP CLS channels, fMRI targets, splits.
 
 Item i is the legacy `torch.reshape(img[1:, :], (H, W, C)).permute(2, 0, 1)` of sample `indices[i]`, as float32,
-with the grid (H, W) read from the array's token layout. Like the legacy tensor it is a permuted view of an
+with the grid (H, W) read from the array's token layout. With dtype="float16" items are float16: the stored float16
+values copied as they are (half the bytes of float32 to collate, pin and send to the device, where the model converts
+them), and every other value (normalised, CLIP channels, a float32 store) rounded once from the float32 item, so a
+float16 item always equals `float32_item.half()`. Like the legacy tensor it is a permuted view of an
 (H, W, C) buffer: no per-sample transpose; `default_collate` makes the batch contiguous in its one copy (a
 transpose; `featstore.encoding.channels_last_collate` stacks the (H, W, C) buffers instead, a plain copy).
 
@@ -35,6 +38,7 @@ from .storage import FeatureArray, FeatureStore, image_list_diff
 CLIP_FEATURE = backbone_config("clip").legacy_last  # clip_vit_512: the registry names it
 NORMALIZE_MODES = (None, "channel")
 TARGET_FORMATS = ("tensor", "legacy")
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SPLIT_ALIASES = {"test": "synt"}  # the Algonauts name of the test split; the store keeps the legacy name
 LEGACY_SEED = 5  # `rand_seed = 5` of the Algonauts 2023 tutorial, which the legacy training code copied
 
@@ -55,7 +59,7 @@ def train_val_split(n: int, val_fraction: float = 0.1, seed: int = LEGACY_SEED) 
 
 
 class FeatureDataset(Dataset):
-    """Samples of `{feature}/{subj}/{split}` as float32 (C, H, W) tensors, optionally with fMRI targets.
+    """Samples of `{feature}/{subj}/{split}` as float32 (or float16) (C, H, W) tensors, optionally with fMRI targets.
 
     store: a store folder or an open FeatureStore. indices: which samples, in order (default all).
     split: "train" or "synt" ("test" is accepted for "synt").
@@ -67,6 +71,8 @@ class FeatureDataset(Dataset):
     normalize: "channel" z-scores each channel with the train split's saved statistics (`featstore stats`: patch
     token mean/std; for appended CLIP channels the clip_vit_512 CLS mean/std), for both splits, so test features
     are never normalised with their own statistics.
+    dtype: "float32" (the legacy items) or "float16": the stored float16 values without conversion, for training on
+    a GPU (convert there, after the copy); with normalize or cat_clip the float32 item is computed, then rounded once.
     """
 
     def __init__(
@@ -80,12 +86,15 @@ class FeatureDataset(Dataset):
         cat_clip: bool = False,
         normalize: str | None = None,
         target_format: str = "tensor",
+        dtype: str = "float32",
     ):
         if normalize not in NORMALIZE_MODES:
             raise BadArgumentError(f"normalize={normalize!r}: choose one of {', '.join(map(repr, NORMALIZE_MODES))}")
         if target_format not in TARGET_FORMATS:
             raise BadArgumentError(f"target_format={target_format!r}: choose one of {', '.join(TARGET_FORMATS)}")
-        self.target_format = target_format
+        if dtype not in DTYPES:
+            raise BadArgumentError(f"{dtype!r}: choose one of {', '.join(map(repr, DTYPES))}", param="dtype")
+        self.target_format, self.dtype = target_format, dtype
         split = SPLIT_ALIASES.get(split, split)
         fs = FeatureStore.open(store)
         # what a worker reopens: the folder or URL (with its fsspec options), else the (picklable) zarr Store object;
@@ -214,8 +223,14 @@ class FeatureDataset(Dataset):
         if clip is not None:
             _require_done(clip, j, self._clip_chunk_len, self._clip_undone)
         h, w = self.grid
-        x = _as_tensor(fa.read_sample(j))[self._first :]
-        out = torch.empty((h * w, self.channels), dtype=torch.float32)
+        raw = fa.read_sample(j)
+        x = _as_tensor(raw)[self._first :]
+        # float16 out of float16 values is a plain copy; any other value is computed in float32 and rounded once
+        as_stored = self.dtype == "float16" and x.dtype == torch.float16 and self._scale is None and clip is None
+        if as_stored and raw.flags.writeable and self._chunk_len == 1:  # a buffer of this sample's own: no copy
+            return self._item(x, j)
+        direct = self.dtype == "float32" or as_stored
+        out = torch.empty((h * w, self.channels), dtype=DTYPES[self.dtype] if direct else torch.float32)
         feat = out[:, : self._c]
         if self._scale is None:
             feat.copy_(x)
@@ -226,7 +241,13 @@ class FeatureDataset(Dataset):
             if self._clip_scale is not None:
                 cls = torch.from_numpy(self._clip_shift).addcmul(cls, torch.from_numpy(self._clip_scale))
             out[:, self._c :] = cls
-        img = out.view(h, w, self.channels).permute(2, 0, 1)
+        if out.dtype != DTYPES[self.dtype]:
+            out = out.to(DTYPES[self.dtype])
+        return self._item(out, j)
+
+    def _item(self, out: torch.Tensor, j: int):
+        """The (C, H, W) view of the contiguous (H*W, C) features, with the fMRI targets where there are."""
+        img = out.view(*self.grid, self.channels).permute(2, 0, 1)
         if self._fmri is None:
             return img
         return img, self._fmri_rows(j)
@@ -235,7 +256,7 @@ class FeatureDataset(Dataset):
         return (
             f"FeatureDataset({self.feature}/{self.subj}/{self.split}, {self._len} samples, "
             f"({self.channels}, {self.grid[0]}, {self.grid[1]}), cat_clip={self.cat_clip}, "
-            f"normalize={self.normalize!r}, fmri={self._fmri is not None})"
+            f"normalize={self.normalize!r}, dtype={self.dtype!r}, fmri={self._fmri is not None})"
         )
 
 

@@ -12,16 +12,20 @@ from pathlib import Path
 BENCHMARK = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
 ROWS = [
     "write", "write-bytes", "write-nofsync", "write-lossless", "write-lossless-bytes",
-    "extract", "extract-tiny", "read", "read-2workers", "startup-time", "startup-rss", "startup-100", "startup-time-memmap",
+    "extract", "extract-tiny", "batch-f32", "batch-f32-2workers", "batch-f16", "loader", "read", "read-2workers",
+    "startup-time", "startup-rss", "startup-100", "startup-time-memmap",
     "startup-rss-memmap", "startup-100-memmap", "stats", "resume", "resume-noop", "layers", "layers-rss", "train",
 ]
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt}  # written here, not taken from the benchmark
 READ_ON_OTHER = {"startup-time-memmap", "layers-rss"}  # rows whose bound is not read on the ratio
-INFO = {"extract-tiny", "startup-time", "startup-rss", "startup-100", "startup-rss-memmap"}  # information, not counted
+INFO = {"extract-tiny", "read", "read-2workers", "startup-time", "startup-rss", "startup-100", "startup-rss-memmap",
+        "train"}  # information, not counted
 # counted rows judged against an impossible bound in the quick run: each must then fail
 FORCED = {"write": "inf", "write-bytes": "0", "write-nofsync": "inf", "write-lossless": "inf",
           "write-lossless-bytes": "0", "extract": "0", "startup-time-memmap": "0", "startup-100-memmap": "inf",
-          "resume": "-1", "resume-noop": "0", "layers-rss": "-1e9"}
+          "resume": "-1", "resume-noop": "0", "layers-rss": "-1e9", "batch-f32": "1e9",
+          "batch-f32-2workers": "1e9", "batch-f16": "1e9", "loader": "1e9"}
+BATCH_ROWS = {"batch-f32": 1.0, "batch-f32-2workers": 1.0, "batch-f16": 2.0, "loader": 2.0}  # counted: their bounds
 
 
 @cache
@@ -55,6 +59,10 @@ def test_row_judging_on_both_sides_of_the_bound():
     assert not row("x", None, ">= 1.0x y", (">=", 1.0), "a", "b")["meets"]
     failed = rebound(good, 2.0)
     assert not failed["meets"] and failed["bound"] == 2.0 and failed["target"].startswith(">= 2 ")
+    info = row("x", 0.8, ">= 1.0x y (information)", (">=", 1.0), "a", "b", counted=False)
+    assert good["counted"] and not info["counted"] and not info["meets"] and not rebound(info, 0.5)["counted"]
+    table = runner().format_table([good, info], "header").splitlines()
+    assert table[3].rstrip().endswith("yes") and table[4].rstrip().endswith("info")  # not counted: no verdict shown
 
 
 def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
@@ -87,7 +95,7 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
             assert row["judged"] == row["ratio"], row
         assert row["meets"] == expected_meets(row), row
         assert row["counted"] == (name not in INFO), row
-        met = ("yes" if row["meets"] else "NO") if row["counted"] else "-"
+        met = ("yes" if row["meets"] else "NO") if row["counted"] else "info"
         assert table[name].rstrip().endswith(met), table[name]
         if name in FORCED:
             assert row["bound"] == float(FORCED[name]) and not row["meets"], row
@@ -105,6 +113,10 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
     assert resume["bound"] == -1 and not resume["meets"], resume  # a recount ratio is >= 0: it cannot meet -1
     noop = by_name["resume-noop"]
     assert 0 < noop["featstore_s"] < noop["baseline_s"], noop
+    for name, bound in BATCH_ROWS.items():  # each counted batch row fails against an impossible bound
+        r = by_name[name]
+        assert r["bound"] == 1e9 and not r["meets"] and r["op"] == ">=" and f">= {bound:.1f}x" in r["target"], r
+        assert r["unit"] == "batches/s" and r["featstore_rate"] > 0 and r["baseline_rate"] > 0, r
 
 
 def test_bytes_rows_fail_on_more_bytes_than_the_dtype_allows(tmp_path):

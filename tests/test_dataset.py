@@ -13,7 +13,14 @@ from conftest import TINY
 from torch.utils.data import DataLoader
 
 from featstore import FeatureDataset, FeatureStore, export_npy, extract, make_sample_subject, train_val_split
-from featstore.errors import BadArgumentError, IncompleteArrayError, LayoutError, NotFoundInStoreError, StoreError
+from featstore.errors import (
+    BadArgumentError,
+    CorruptChunkError,
+    IncompleteArrayError,
+    LayoutError,
+    NotFoundInStoreError,
+    StoreError,
+)
 from featstore.storage import ArraySpec, _zarr_compat
 
 DINO = ("dinov2_q_last", (31, 31), 8)  # feature, real grid, small C
@@ -320,6 +327,97 @@ def test_normalize_with_cat_clip_scales_clip_channels_by_clip_cls_statistics(tmp
         assert torch.equal(img[: DINO[2]], plain[i])
         expected = (clip[i, 0].astype(np.float64) - mean) / std
         torch.testing.assert_close(img[DINO[2] :, 4, 7], torch.tensor(expected, dtype=torch.float32))
+
+
+# ---- float16 delivery -----------------------------------------------------------------------------------------------
+def _assert_half_of_float32(f16: FeatureDataset, f32: FeatureDataset) -> None:
+    """Every float16 item is the float32 item rounded once, bit for bit, in the same (H, W, C) buffer layout."""
+    assert len(f16) == len(f32) and f16.dtype == "float16"
+    for i in range(len(f32)):
+        a, b = f16[i], f32[i]
+        assert a.dtype == torch.float16 and b.dtype == torch.float32 and a.shape == b.shape
+        assert a.stride() == b.stride()  # a (C, H, W) view of an (H, W, C) buffer, as the float32 item
+        assert torch.equal(a, b.half())
+
+
+@pytest.mark.parametrize("feature", [DINO[0], CLIP[0]])  # stored float16 / stored float32 (rounded once)
+def test_float16_items_are_float32_items_rounded_once(store, feature):
+    kw = {"feature": feature, "split": "train"}
+    _assert_half_of_float32(FeatureDataset(store["root"], dtype="float16", **kw), FeatureDataset(store["root"], **kw))
+
+
+def test_float16_items_are_the_stored_values_unconverted(store):
+    ds = FeatureDataset(store["root"], dtype="float16")
+    for i in range(len(ds)):
+        expected = legacy_item(store["dino"][i], DINO[1])  # the stored float16 values, never through float32
+        assert expected.dtype == torch.float16 and torch.equal(ds[i], expected)
+    assert "dtype='float16'" in repr(ds)
+
+
+def test_float16_with_normalize_and_cat_clip_rounds_the_float32_item_once(tmp_path):
+    fs = FeatureStore(tmp_path / "st", "a")
+    make_array(fs, DINO[0], 3, DINO[1], DINO[2])
+    make_array(fs, CLIP[0], 3, CLIP[1], CLIP[2], dtype="float32")
+    _save_stats(fs, DINO[0], "patch", DINO[2], 0)
+    _save_stats(fs, CLIP[0], "cls", CLIP[2], 1)
+    for kw in ({"normalize": "channel"}, {"cat_clip": True}, {"cat_clip": True, "normalize": "channel"}):
+        f16 = FeatureDataset(tmp_path / "st", dtype="float16", **kw)
+        _assert_half_of_float32(f16, FeatureDataset(tmp_path / "st", **kw))
+        assert not torch.equal(f16[0].float(), FeatureDataset(tmp_path / "st", **kw)[0])  # really rounded
+
+
+def test_float16_items_with_fmri_targets_in_workers(store, tmp_path):
+    """Features float16, targets float32 as before, through DataLoader workers and channels_last_collate."""
+    from featstore.encoding import channels_last_collate
+
+    fmri = write_fmri(tmp_path / "subj01", store["n"])
+    f16 = FeatureDataset(store["root"], data_dir=tmp_path / "subj01", dtype="float16")
+    f32 = FeatureDataset(store["root"], data_dir=tmp_path / "subj01")
+    loader = DataLoader(f16, batch_size=4, num_workers=2, collate_fn=channels_last_collate)
+    seen = 0
+    for x, y in loader:
+        b = len(x)
+        assert x.dtype == torch.float16 and x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, torch.stack([f32[seen + k][0] for k in range(b)]).half())
+        for h in ("lh", "rh"):
+            assert y[f"{h}_f"].dtype == torch.float32
+            assert torch.equal(y[f"{h}_f"], torch.from_numpy(fmri[h][seen : seen + b]))
+        seen += b
+    assert seen == store["n"]
+
+
+@pytest.mark.parametrize("codec, pack", [("none", 1), ("lz4", 1), ("none", 2)])
+def test_float16_items_on_every_read_path(tmp_path, codec, pack):
+    """A plain chunk is read straight into the item's buffer (its own, writeable: changing it changes no other read),
+    a compressed or packed one decoded then copied; all give the stored values. A truncated plain chunk is corrupt."""
+    fs = FeatureStore(tmp_path / "st", "a")
+    t, n = 1 + DINO[1][0] * DINO[1][1], 4
+    meta = {"token_layout": {"cls_index": 0, "grid": list(DINO[1]), "n_tokens": t}, "image_names": names(n)}
+    fa, _ = fs.prepare(DINO[0], "01", "train", ArraySpec((n, t, DINO[2]), 1, "float16", codec, pack), meta=meta,
+                       fingerprint={})
+    data = (np.random.default_rng(0).standard_normal((n, t, DINO[2])) * 3).astype(np.float16)
+    fa.write_chunks(0, data, durable=False)
+    fa = fs.get(DINO[0], "01", "train")
+    plain = codec == "none" and pack == 1 and _zarr_compat.fast_enabled()
+    assert (fa._raw_reader is not None) == plain
+    ds = FeatureDataset(tmp_path / "st", dtype="float16")
+    for i in range(n):
+        item = ds[i]
+        assert torch.equal(item, legacy_item(data[i], DINO[1]))
+        assert torch.equal(item, FeatureDataset(tmp_path / "st")[i].half())
+        item.zero_()  # an item is the caller's own
+        assert torch.equal(ds[i], legacy_item(data[i], DINO[1]))
+    if plain:
+        chunk_file = tmp_path / "st" / DINO[0] / "01" / "train" / "c" / "2" / "0" / "0"
+        chunk_file.write_bytes(chunk_file.read_bytes()[:-10])
+        with pytest.raises(CorruptChunkError, match=r"chunk 2 is corrupt \(\d+ bytes, expected \d+\)"):
+            ds[2]
+
+
+def test_bad_dtype_names_the_argument(store):
+    with pytest.raises(BadArgumentError, match=r"^dtype 'bfloat16': choose one of 'float32', 'float16'$") as e:
+        FeatureDataset(store["root"], dtype="bfloat16")
+    assert e.value.param == "dtype"
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------

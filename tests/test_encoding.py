@@ -197,6 +197,7 @@ def _tool_main():
     (["--saved_feats", "nope"], "no array nope/01/train"),
     (["--hidden_dim", "30"], "multiple of --nheads"),
     (["--epochs", "0"], "--epochs must be"),
+    (["--feature_dtype", "bfloat16"], "argument --feature_dtype: invalid choice: 'bfloat16'"),
 ])
 def test_tool_bad_input_is_one_line_and_exit_2(data, capsys, args, message):
     argv = ["--saved_feats_dir", str(data["store"]), "--data_dir", str(data["data"]), "--device", "cpu",
@@ -297,6 +298,46 @@ def test_channels_last_batches_equal_default_collate_without_a_transpose(data):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # the same model for either layout
 
 
+def test_float16_items_make_a_float16_channels_last_batch(data):
+    """Float16 items collate into one contiguous (B, H, W, C) float16 buffer, returned as its (B, C, H, W) view: the
+    float32 batch rounded once; the fMRI targets stay float32."""
+    f16 = FeatureDataset(data["store"], data_dir=data["subj"], indices=[4, 0, 7], dtype="float16")
+    f32 = FeatureDataset(data["store"], data_dir=data["subj"], indices=[4, 0, 7])
+    x, y = channels_last_collate([f16[i] for i in range(3)])
+    ref_x, ref_y = channels_last_collate([f32[i] for i in range(3)])
+    assert x.dtype == torch.float16 and x.shape == ref_x.shape and x.stride() == ref_x.stride()
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.permute(0, 2, 3, 1).is_contiguous()
+    assert torch.equal(x, ref_x.half()) and torch.equal(x.float(), ref_x)  # a float16 store: float32 adds nothing
+    assert all(y[k].dtype == torch.float32 and torch.equal(y[k], ref_y[k]) for k in ref_y)
+    bare = channels_last_collate([f16[i][0] for i in range(3)])
+    assert torch.equal(bare, x) and bare.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_float16_loader_trains_exactly_as_float32_items(data):
+    """feature_dtype float16 (the CUDA default) on the CPU: float16 batches, converted to float32 after the copy,
+    train to the same losses and scores as float32 items of the same store, bit for bit. The store holds float16, so
+    the float32 items are the rounded values, and the model sees identical float32 inputs in the same order; any
+    difference would be a change of arithmetic, not of rounding. auto is float32 on a CPU (results as before)."""
+    runs = {d: train_encoder(config(data, "transformer", epochs=2, feature_dtype=d)) for d in ("float16", "auto")}
+    half, auto = runs["float16"].metrics, runs["auto"].metrics
+    assert half["feature_dtype"] == "float16" and auto["feature_dtype"] == "float32"
+    assert [e["train_loss"] for e in half["history"]] == [e["train_loss"] for e in auto["history"]]
+    assert [e["val_perf"] for e in half["history"]] == [e["val_perf"] for e in auto["history"]]
+    for h in ("lh", "rh"):
+        assert np.array_equal(runs["float16"].test_pred[h], runs["auto"].test_pred[h])
+    cfg = TrainConfig(store="s", data_dir="d")
+    assert cfg.loader_dtype("cuda") == "float16" and cfg.loader_dtype("cpu") == "float32"
+    assert TrainConfig(store="s", data_dir="d", feature_dtype="float32").loader_dtype("cuda") == "float32"
+    from featstore.encoding.train import _features_to, _loader
+
+    ds = FeatureDataset(data["store"], dtype="float16")
+    assert _loader(ds, cfg, torch.device("cuda"), shuffle=False).pin_memory  # built only: no CUDA needed
+    assert not _loader(ds, cfg, torch.device("cpu"), shuffle=False).pin_memory
+    x = channels_last_collate([ds[i] for i in range(2)])
+    y = _features_to(x, torch.device("cpu"))
+    assert y.dtype == torch.float32 and torch.equal(y, x.float()) and y.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_sine_position_encoding_is_detrs():
     """Against DETR's PositionEmbeddingSine(normalize=True) written out over a mask, as DETR computes it
     (detr_sine, below, with the reference)."""
@@ -334,6 +375,9 @@ def test_config_errors_are_featstore_errors(data):
             train_encoder(config(data, "linear", **kw))
     with pytest.raises(FeatstoreError, match="readout_res"):
         train_encoder(config(data, "transformer", model=EncoderConfig(readout_res="all")))
+    with pytest.raises(BadArgumentError, match="^feature_dtype 'half': choose one of auto, float16, float32$") as e:
+        train_encoder(config(data, "linear", feature_dtype="half"))
+    assert e.value.param == "feature_dtype"
 
 
 def test_encoding_imports_neither_zarr_nor_dask():

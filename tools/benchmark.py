@@ -6,7 +6,7 @@
     python tools/benchmark.py --scale [--dir DIR]            # full-subject rows only; needs ~45 GB free in DIR
 
 Rows (names are stable; the JSON is a list of rows with at least name, ratio, target, a boolean meets, and counted:
-false for information rows, whose met column shows "-"):
+false for information rows, whose met column shows "info"):
   write                       store writer (float16, fsync on) fed a ViT-B-sized float32 stream vs np.save + fsync of
                               the same float16 bytes (the float32 npy, twice the bytes, in the note)
   write-nofsync               the same without fsync vs plain np.save of the float16 array (page cache only on both)
@@ -18,7 +18,13 @@ false for information rows, whose met column shows "-"):
                               the tiny model) vs the same backbone's forward pass alone over the same preprocessed
                               batches, same threads
   extract-tiny                the same with the tiny backbone on --images images (information: PNG decoding bound)
-  read, read-2workers         random-order samples: FeatureDataset vs np.load(mmap_mode="r") of the npy export
+  batch-f32, -f32-2workers    random-order batches of 16 as a training step receives them (one contiguous tensor):
+                              FeatureDataset + channels_last_collate (float32 items) vs the legacy recipe (np.load(
+                              mmap_mode="r") of the float32 npy export + default_collate), single process / 2 workers
+  batch-f16, loader           the same with FeatureDataset(dtype="float16") items (float16 batches, half the bytes);
+                              loader: with 2 DataLoader workers
+  read, read-2workers         information: random-order samples one by one / default_collate batches, FeatureDataset
+                              vs the memmap
   startup-time, -rss, -100    FeatureDataset vs whole-file np.load of the npy at --startup-n samples (fresh processes;
                               information)
   startup-*-memmap            the same vs np.load(mmap_mode="r"): the open judged on its absolute time (<= 20 ms, at
@@ -33,12 +39,14 @@ false for information rows, whose met column shows "-"):
   layers                      4 layers of both DINOv2 variants (8 arrays) in one run vs one variant at one layer
   layers-rss                  peak RSS (VmHWM) of an --enc_layer all run of both variants vs a single-output run,
                               within the writer's reachable queue + a batch of the extra outputs
-  train                       transformer brain encoder training steps fed from the store (FeatureDataset + DataLoader
-                              workers) vs from an in-RAM tensor of the same data, same batches
+  train                       information on a CPU (2 cores shared by loader and step): transformer brain encoder
+                              training steps fed from the store (FeatureDataset + DataLoader workers) vs from an in-RAM
+                              tensor of the same data, same batches
   scale-cold, scale-warm      (--scale only) a full subject, 9,841 x 962 x 768: one random-order epoch of FeatureDataset
                               float16 items vs the legacy items from a memmap of the float32 npy, page cache dropped
                               (drop_caches where allowed, else posix_fadvise per file; the notes say which) and warm
 
+A row with "counted": false in the JSON ("info" in the table) is information: measured and judged, not a target.
 Each row group is a module of tools/bench/ (common.py: what they share); this file is the runner. Timings are the
 best of --reps runs, the two sides interleaved (the machine may be shared). Progress goes to
 stderr, the table to stdout. Everything is written under a new temporary folder inside --dir (default: the system's
@@ -66,7 +74,7 @@ from featstore.devices import cpu_count
 GROUPS: list[tuple[str, tuple[str, ...], Callable]] = [
     ("write", ("write", "write-bytes", "write-nofsync", "write-lossless", "write-lossless-bytes"), write.rows_write),
     ("extract", ("extract", "extract-tiny"), extract.rows_extract),
-    ("read", ("read", "read-2workers"), read.rows_read),
+    ("read", read.NAMES, read.rows_read),
     ("startup", startup.NAMES, startup.rows_startup),
     ("stats", ("stats",), stats.rows_stats),
     ("resume", ("resume", "resume-noop"), resume.rows_resume),
@@ -85,7 +93,7 @@ def format_table(rows: list[dict], header: str) -> str:
     cells = []
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.4g}x"
-        met = ("yes" if r["meets"] else "NO") if r.get("counted", True) else "-"  # "-": information, not counted
+        met = "info" if not r.get("counted", True) else "yes" if r["meets"] else "NO"
         cells.append([r["name"], r["featstore"], r["baseline"], ratio, r["target"], met])
     out = [header, table.format_table(cells, [h for h, _ in cols]), ""]
     out += [f"{r['name']}: {r['notes']}" for r in rows if r.get("notes")]

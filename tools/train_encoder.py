@@ -4,7 +4,8 @@
     python tools/train_encoder.py --subj 1 --saved_feats dinov2q --saved_feats_dir features.zarr \\
         --data_dir DATA --encoder_arch transformer --readout_res rois_all
 
-Features are read lazily from the store (FeatureDataset + DataLoader workers); DATA holds subjXX/ (fMRI, ROI masks,
+Features are read lazily from the store (FeatureDataset + DataLoader workers; on CUDA as float16 batches converted
+on the device, see --feature_dtype); DATA holds subjXX/ (fMRI, ROI masks,
 the image folders the store was extracted from). Writes OUTPUT_PATH/metrics.json (validation r, val_perf),
 roi_r.png, checkpoint.pt (the epoch of best val_perf, if one beat 0) and the Algonauts submission files
 lh_pred_test.npy / rh_pred_test.npy. The model is the reference's by default; see the README, "Train an encoder".

@@ -10,6 +10,8 @@ from ..flags import flag
 from .names import ENCODER_ARCHS, POSITION_EMBEDDINGS
 from .rois import READOUTS
 
+FEATURE_DTYPES = ("auto", "float16", "float32")
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -96,6 +98,9 @@ class TrainConfig:
     weight_decay: float = flag(1e-4, "AdamW weight decay")
     clip_max_norm: float = flag(0.1, "gradient clipping (0: none)")
     num_workers: int = flag(4, "DataLoader workers reading the store (capped at the CPU count)")
+    feature_dtype: str = flag("auto", "dtype of the features the loader delivers: float16 (the stored values, half "
+                              "the bytes to pin and copy; converted to float32 on the device) or float32; auto: "
+                              "float16 on CUDA, float32 otherwise", choices=FEATURE_DTYPES)
     seed: int = flag(0, "seed of the model's initialisation and the batch order")
     device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     val_fraction: float = flag(0.1, "validation share of the training images")
@@ -109,7 +114,17 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise BadArgumentError(f"--{name} must be an integer >= {low}, got {v!r}")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise BadArgumentError(f"{self.feature_dtype!r}: choose one of {', '.join(FEATURE_DTYPES)}",
+                                   param="feature_dtype")
         if not self.lr > 0 or self.weight_decay < 0 or self.clip_max_norm < 0:
             raise BadArgumentError("must be > 0, --weight_decay and --clip_max_norm >= 0", param="lr")
         self.model.check()
         return self
+
+    def loader_dtype(self, device_type: str) -> str:
+        """The dtype the loader delivers on this device: on CUDA the copy to the device is what float16 halves
+        (the model converts on the device); on a CPU there is no copy to save, so auto keeps float32 results."""
+        if self.feature_dtype != "auto":
+            return self.feature_dtype
+        return "float16" if device_type == "cuda" else "float32"

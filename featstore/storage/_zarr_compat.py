@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -36,10 +37,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import google_crc32c  # zarr's own crc32c (its Crc32cCodec uses it)
 import numcodecs
 import numpy as np
 import zarr
 from zarr.buffer import default_buffer_prototype
+from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.codecs.numcodecs import BitRound
 from zarr.storage import LocalStore
 
@@ -235,6 +238,38 @@ def decoder(steps: list) -> Callable[[bytes], np.ndarray]:
         return buf.as_numpy_array()
 
     return decode
+
+
+def raw_reader(arr: zarr.Array, steps: list | None) -> Callable[[Path], np.ndarray] | None:
+    """For chunks stored as their plain bytes + crc32c (codec "none", the default): chunk file -> a new, writeable
+    array the file was read straight into, its checksum checked there (one copy from the page cache, where reading
+    bytes then decoding makes two and a read-only result). None for any other codec chain: use `decoder`."""
+    if not steps or len(steps) != 2 or not isinstance(steps[1][0], Crc32cCodec):
+        return None
+    codec, dtype = steps[0][0], np.dtype(arr.dtype)
+    little = sys.byteorder == "little" and (dtype.itemsize == 1 or getattr(codec.endian, "value", None) == "little")
+    if not isinstance(codec, BytesCodec) or not little or dtype.byteorder == ">":
+        return None
+    shape = tuple(arr.chunks)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+
+    def read(path: Path) -> np.ndarray:
+        buf = np.empty(nbytes + 4, np.uint8)
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != nbytes + 4:
+                raise ValueError(f"{size} bytes, expected {nbytes + 4}")
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"{got} bytes, expected {nbytes + 4}")
+                got += n
+        if np.uint32(google_crc32c.value(buf[:-4])).tobytes() != buf[-4:].tobytes():  # as zarr's Crc32cCodec
+            raise ValueError("Stored and computed checksum do not match")
+        return buf[:-4].view(dtype).reshape(shape)
+
+    return read
 
 
 # ---- files ------------------------------------------------------------------------------------------------------------

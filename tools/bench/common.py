@@ -129,8 +129,8 @@ def row(name: str, ratio: float | None, target: str, check: tuple[str, float], f
         **extra) -> dict[str, Any]:
     """One row. `check` = (op, bound), read on `on` (default: the ratio); `also`: further conditions the row needs
     (e.g. an identical store). meets = the bound holds and every condition is true. The JSON keeps op, bound, judged
-    (the value read) and also, so that a reader can judge the row again. `counted=False`: information only (the
-    table shows `-` for met; meets is still computed)."""
+    (the value read) and also, so that a reader can judge the row again. counted=False: information, judged and
+    shown but not a target of the benchmark (the table says "info")."""
     op, bound = check
     judged = ratio if on is None else on
     conds = {k: bool(v) for k, v in (also or {}).items()}
