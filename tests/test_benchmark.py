@@ -13,7 +13,8 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
 ROWS = [
     "write", "write-bytes", "write-nofsync", "write-lossless", "write-lossless-bytes",
     "extract", "read", "read-2workers", "startup-time", "startup-rss", "startup-100", "startup-time-memmap",
-    "startup-rss-memmap", "startup-100-memmap", "stats", "resume", "resume-noop", "layers", "layers-rss", "train",
+    "startup-rss-memmap", "startup-100-memmap", "stats", "resume", "resume-noop", "layers", "layers-rss", "write-24",
+    "train",
 ]
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt}  # written here, not taken from the benchmark
 READ_ON_OTHER = {"write-bytes", "write-lossless-bytes", "layers-rss"}  # rows whose bound is not read on the ratio
@@ -63,7 +64,8 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
     capfd.readouterr()
-    assert bench.main(["--quick", "--json", str(out), "--dir", str(work), "--bound", "resume=-1"]) == 0
+    assert bench.main(["--quick", "--json", str(out), "--dir", str(work), "--bound", "resume=-1",
+                       "--bound", "write-24=1e9"]) == 0
     r = capfd.readouterr()  # (out, err)
     rows = json.loads(out.read_text())
     assert isinstance(rows, list)
@@ -89,3 +91,7 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
     assert resume["killed"] and resume["identical"] and resume["recomputed"] <= resume["n"] - resume["done_at_kill"], resume
     assert resume["also"] == {"identical": True}
     assert resume["bound"] == -1 and not resume["meets"], resume  # a recount ratio is >= 0: it cannot meet -1
+    w24 = by_name["write-24"]  # 24 arrays cannot write 1e9 times faster than one: judged against that, it fails
+    assert w24["bound"] == 1e9 and not w24["meets"] and w24["arrays"] == 24, w24
+    assert math.isclose(w24["ratio"], w24["featstore_gbs"] / w24["baseline_gbs"]) and w24["disk_gbs"] > 0, w24
+    assert f"{w24['disk_gbs']:.2f} GB/s" in w24["notes"], w24

@@ -127,7 +127,8 @@ def write_batches(arrays: list[FeatureArray], todo: dict[str, list[int]],
     need = _rows_needed(arrays, todo)
     tdtype = torch.float16 if cfg.dtype == "float16" else torch.float32
     assemblers = {fa.path: ChunkAssembler(fa, todo[fa.path]) for fa in arrays}
-    writer = BackgroundWriter(cfg.durable, cfg.queue_mb << 20, on_written=on_written, lanes=min(len(arrays), WRITER_LANES))
+    writer = BackgroundWriter(cfg.durable, cfg.queue_mb << 20, on_written=on_written,
+                              lanes=min(len(arrays), WRITER_LANES))
     computed = dict.fromkeys(need, 0)
     try:
         for idx, ys in batches:

@@ -63,10 +63,12 @@ def meta(n: int) -> dict[str, Any]:
             "image_names": [f"img{i:05d}.png" for i in range(n)]}
 
 
-def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16", durable: bool = True) -> tuple[float, int]:
+def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16", durable: bool = True,
+                    arrays: int = 1) -> tuple[float, int]:
     """The stream written by extraction's own write path (featstore.extraction.run.write_batches: `.to(dtype)`,
     float16 check, unit assembly, background writer), as extract does after the forward pass, with its default
-    queue bound. Returns (seconds, bytes of the array on disk)."""
+    queue bound; into `arrays` arrays at once (each batch feeds every array, as one forward pass feeds every layer).
+    Returns (seconds, bytes of the arrays on disk)."""
     import torch
 
     from featstore.extraction import ExtractConfig
@@ -74,13 +76,15 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
     from featstore.storage import ArraySpec, FeatureStore
 
     fs = FeatureStore(root, mode="a")
-    fa, _ = fs.prepare(FEATURE, SUBJ, SPLIT, ArraySpec((n, T, C), 1, dtype), meta=meta(n), fingerprint={})
+    fas = [fs.prepare(FEATURE if arrays == 1 else f"{FEATURE}_{j}", SUBJ, SPLIT, ArraySpec((n, T, C), 1, dtype),
+                      meta=meta(n), fingerprint={})[0] for j in range(arrays)]
     cfg = ExtractConfig(dtype=dtype, durable=durable)
     t0 = time.perf_counter()
-    batches = ((np.arange(a, a + len(rows)), {fa.feature: torch.from_numpy(rows)}) for a, rows in stream(pool, n))
-    write_batches([fa], {fa.path: list(range(fa.nchunks))}, batches, cfg)
+    batches = ((np.arange(a, a + len(rows)), dict.fromkeys((fa.feature for fa in fas), torch.from_numpy(rows)))
+               for a, rows in stream(pool, n))
+    write_batches(fas, {fa.path: list(range(fa.nchunks)) for fa in fas}, batches, cfg)
     seconds = time.perf_counter() - t0
-    return seconds, fa.nbytes_stored()
+    return seconds, sum(fa.nbytes_stored() for fa in fas)
 
 
 def npy_save(path: Path, full: np.ndarray) -> tuple[float, int]:
