@@ -14,7 +14,8 @@ ROWS = [
     "write", "write-bytes", "write-nofsync", "write-lossless", "write-lossless-bytes",
     "extract", "extract-tiny", "batch-f32", "batch-f32-2workers", "batch-f16", "loader", "read", "read-2workers",
     "startup-time", "startup-rss", "startup-100", "startup-time-memmap",
-    "startup-rss-memmap", "startup-100-memmap", "stats", "resume", "resume-noop", "layers", "layers-rss", "train",
+    "startup-rss-memmap", "startup-100-memmap", "stats", "resume", "resume-noop", "layers", "layers-rss", "write-24",
+    "train",
 ]
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt}  # written here, not taken from the benchmark
 READ_ON_OTHER = {"startup-time-memmap", "layers-rss"}  # rows whose bound is not read on the ratio
@@ -24,7 +25,7 @@ INFO = {"extract-tiny", "read", "read-2workers", "startup-time", "startup-rss", 
 FORCED = {"write": "inf", "write-bytes": "0", "write-nofsync": "inf", "write-lossless": "inf",
           "write-lossless-bytes": "0", "extract": "0", "startup-time-memmap": "0", "startup-100-memmap": "inf",
           "resume": "-1", "resume-noop": "0", "layers-rss": "-1e9", "batch-f32": "1e9",
-          "batch-f32-2workers": "1e9", "batch-f16": "1e9", "loader": "1e9"}
+          "batch-f32-2workers": "1e9", "batch-f16": "1e9", "loader": "1e9", "write-24": "1e9"}
 BATCH_ROWS = {"batch-f32": 1.0, "batch-f32-2workers": 1.0, "batch-f16": 2.0, "loader": 2.0}  # counted: their bounds
 
 
@@ -117,6 +118,10 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
         r = by_name[name]
         assert r["bound"] == 1e9 and not r["meets"] and r["op"] == ">=" and f">= {bound:.1f}x" in r["target"], r
         assert r["unit"] == "batches/s" and r["featstore_rate"] > 0 and r["baseline_rate"] > 0, r
+    w24 = by_name["write-24"]  # 24 arrays cannot write 1e9 times faster than one: judged against that, it fails
+    assert w24["bound"] == 1e9 and not w24["meets"] and w24["arrays"] == 24, w24
+    assert math.isclose(w24["ratio"], w24["featstore_gbs"] / w24["baseline_gbs"]) and w24["disk_gbs"] > 0, w24
+    assert f"{w24['disk_gbs']:.2f} GB/s" in w24["notes"], w24
 
 
 def test_bytes_rows_fail_on_more_bytes_than_the_dtype_allows(tmp_path):

@@ -36,9 +36,12 @@ false for information rows, whose met column shows "info"):
                               run, and the work lost at the kill (images computed but not marked done)
   resume-noop                 a rerun on a finished store vs the full extraction that made it (same process, same
                               backbone, the clock around extract() alone on both sides)
-  layers                      4 layers of both DINOv2 variants (8 arrays) in one run vs one variant at one layer
+  layers                      4 layers of both DINOv2 variants (8 arrays) in one run vs one output (dinov2 at
+                              the last layer: the same blocks computed)
   layers-rss                  peak RSS (VmHWM) of an --enc_layer all run of both variants vs a single-output run,
                               within the writer's reachable queue + a batch of the extra outputs
+  write-24                    writer throughput (GB/s) into 24 full-size float16 arrays vs into one array of the same
+                              bytes, both also against the disk's sequential write speed measured in the same run
   train                       information on a CPU (2 cores shared by loader and step): transformer brain encoder
                               training steps fed from the store (FeatureDataset + DataLoader workers) vs from an in-RAM
                               tensor of the same data, same batches
@@ -65,7 +68,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/: the row groups are the package `bench` there
 
-from bench import extract, layers, read, resume, scale, startup, stats, train, write
+from bench import extract, layers, read, resume, scale, startup, stats, train, write, writer
 from bench.common import POOL, C, T, log, make_pool, not_measured, rebound
 
 from featstore import table
@@ -79,6 +82,7 @@ GROUPS: list[tuple[str, tuple[str, ...], Callable]] = [
     ("stats", ("stats",), stats.rows_stats),
     ("resume", ("resume", "resume-noop"), resume.rows_resume),
     ("layers", ("layers", "layers-rss"), layers.rows_layers),
+    ("writer", ("write-24",), writer.rows_writer),
     ("train", ("train",), train.rows_train),
 ]
 ROW_NAMES = [name for _, names, _ in GROUPS for name in names]

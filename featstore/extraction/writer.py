@@ -64,25 +64,32 @@ class ChunkAssembler:
 
 
 class BackgroundWriter:
-    """Writes unit runs of any number of arrays on a thread, so the store overlaps the next forward pass.
+    """Writes unit runs of any number of arrays on background threads, so the store overlaps the next forward pass.
 
-    The queue is bounded in bytes (`limit`; one item always fits), so memory stays flat however many arrays one
-    forward pass feeds. `on_written(rows)` is called after each run is durably written and marked done.
+    One lane (a thread and its queue) per array, up to `lanes`: the runs of one array are written in order, those of
+    different arrays at once, so one array's fsync waits and done markers overlap another's writes (each lane's
+    chunk files go through the shared I/O pool). The queue is bounded in bytes across lanes (`limit`; one item always
+    fits), so memory stays flat however many arrays one forward pass feeds. `on_written(rows)` is called after each
+    run is durably written and marked done. After a failure nothing more is written; the first failure is reported.
     """
 
-    def __init__(self, durable: bool, limit: int, on_written=None):
+    def __init__(self, durable: bool, limit: int, on_written=None, lanes: int = 1):
         self.durable, self.limit, self.on_written = durable, limit, on_written
-        self.q: queue.Queue = queue.Queue()
         self.cv = threading.Condition()
         self.pending = 0
         self.error: BaseException | None = None
         self.failed: tuple[str, int, str] | None = None  # array, first unit of the failed write, unit name
-        self.thread = threading.Thread(target=self._run, name="featstore-writer", daemon=True)
-        self.thread.start()
+        self.lane_of: dict[str, int] = {}
+        self.report_lock = threading.Lock()
+        self.queues = [queue.Queue() for _ in range(max(1, lanes))]
+        self.threads = [threading.Thread(target=self._run, args=(q,), name=f"featstore-writer-{i}", daemon=True)
+                        for i, q in enumerate(self.queues)]
+        for t in self.threads:
+            t.start()
 
-    def _run(self) -> None:
+    def _run(self, q: queue.Queue) -> None:
         while True:
-            item = self.q.get()
+            item = q.get()
             if item is None:
                 return
             fa, first, data = item
@@ -90,9 +97,12 @@ class BackgroundWriter:
                 if self.error is None:  # drain without writing after a failure
                     fa.write_chunks(first, data, durable=self.durable)
                     if self.on_written is not None:
-                        self.on_written(len(data))
+                        with self.report_lock:  # one caller at a time (a progress bar)
+                            self.on_written(len(data))
             except BaseException as e:  # noqa: BLE001 - reported to the main thread
-                self.error, self.failed = e, (fa.path, first, fa.unit)
+                with self.cv:
+                    if self.error is None:
+                        self.error, self.failed = e, (fa.path, first, fa.unit)
             finally:
                 with self.cv:
                     self.pending -= data.nbytes
@@ -104,7 +114,8 @@ class BackgroundWriter:
             self.cv.wait_for(lambda: self.pending == 0 or self.pending + data.nbytes <= self.limit
                              or self.error is not None)
             self.pending += data.nbytes
-        self.q.put((fa, first, data))
+            lane = self.lane_of.setdefault(fa.path, len(self.lane_of) % len(self.queues))
+        self.queues[lane].put((fa, first, data))
 
     def check(self) -> None:
         if self.error is not None:
@@ -117,5 +128,7 @@ class BackgroundWriter:
             ) from e
 
     def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
+        for q in self.queues:
+            q.put(None)
+        for t in self.threads:
+            t.join()

@@ -281,6 +281,11 @@ def put_file(path: Path, buf, durable: bool) -> None:
         fsync_path(path)
 
 
+def touch(path: Path) -> None:
+    """An empty file, made by one create (no temp file and rename: an empty file has no content to be torn)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

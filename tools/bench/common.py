@@ -64,11 +64,11 @@ def meta(n: int, grid: tuple[int, int] = GRID) -> dict[str, Any]:
 
 
 def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16", durable: bool = True,
-                    grid: tuple[int, int] = GRID) -> tuple[float, int]:
+                    grid: tuple[int, int] = GRID, arrays: int = 1) -> tuple[float, int]:
     """The stream written by extraction's own write path (featstore.extraction.run.write_batches: `.to(dtype)`,
     float16 check, unit assembly, background writer), as extract does after the forward pass, with its default
-    queue bound. `pool` is (P, 1 + H*W, C) for a token grid of H x W. Returns (seconds, bytes of the array on
-    disk)."""
+    queue bound; into `arrays` arrays at once (each batch feeds every array, as one forward pass feeds every layer).
+    `pool` is (P, 1 + H*W, C) for a token grid of H x W. Returns (seconds, bytes of the arrays on disk)."""
     import torch
 
     from featstore.extraction import ExtractConfig
@@ -77,13 +77,15 @@ def featstore_write(root: Path, pool: np.ndarray, n: int, dtype: str = "float16"
 
     fs = FeatureStore(root, mode="a")
     spec = ArraySpec((n, *pool.shape[1:]), 1, dtype)
-    fa, _ = fs.prepare(FEATURE, SUBJ, SPLIT, spec, meta=meta(n, grid), fingerprint={})
+    fas = [fs.prepare(FEATURE if arrays == 1 else f"{FEATURE}_{j}", SUBJ, SPLIT, spec, meta=meta(n, grid),
+                      fingerprint={})[0] for j in range(arrays)]
     cfg = ExtractConfig(dtype=dtype, durable=durable)
     t0 = time.perf_counter()
-    batches = ((np.arange(a, a + len(rows)), {fa.feature: torch.from_numpy(rows)}) for a, rows in stream(pool, n))
-    write_batches([fa], {fa.path: list(range(fa.nchunks))}, batches, cfg)
+    batches = ((np.arange(a, a + len(rows)), dict.fromkeys((fa.feature for fa in fas), torch.from_numpy(rows)))
+               for a, rows in stream(pool, n))
+    write_batches(fas, {fa.path: list(range(fa.nchunks)) for fa in fas}, batches, cfg)
     seconds = time.perf_counter() - t0
-    return seconds, fa.nbytes_stored()
+    return seconds, sum(fa.nbytes_stored() for fa in fas)
 
 
 def npy_save(path: Path, full: np.ndarray) -> tuple[float, int]:

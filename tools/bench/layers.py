@@ -56,7 +56,9 @@ def _layers_times(subj: Path, root: Path, reps: int, warmed: bool) -> dict:
     from featstore import get_backbone
     from featstore.extraction import extract
 
-    bbs = {"one": get_backbone("dinov2_q", layer=-1, arch=ARCH, weights="random", seed=0),
+    # the single output is the last block's tokens: the same 4 blocks computed as for 8 outputs (dinov2_q at -1 stops
+    # at the last block's qkv and skips its attention and MLP), so the ratio is the cost of the 7 extra arrays alone
+    bbs = {"one": get_backbone("dinov2", layer=-1, arch=ARCH, weights="random", seed=0),
            "many": get_backbone("dinov2_q,dinov2", layer=f"0:{LAYERS_DEPTH}", arch=ARCH, weights="random", seed=0)}
     best = dict.fromkeys(bbs, np.inf)
     for r in range(0 if warmed else -1, reps):  # round -1 warms up (imports, allocator, page cache), not timed
@@ -109,9 +111,10 @@ def rows_layers(ctx) -> list[dict]:
     batch_mb = BATCH * stored / n / 2**20 * 3 * (arrays - 1) / arrays
     bound_mb = round(queue_mb + batch_mb, 1)
     return [
-        row("layers", ratio, "<= 1.5x the single-output time", ("<=", 1.5),
+        row("layers", ratio, "<= 1.3x the single-output time", ("<=", 1.3),
             f"{t['many']:.2f} s ({t['arrays']} arrays)", f"{t['one']:.2f} s (1 array)",
-            f"{n} images, dinov2_q,dinov2 --enc_layer 0:{LAYERS_DEPTH} vs dinov2_q --enc_layer -1, --arch {ARCH} "
+            f"{n} images, dinov2_q,dinov2 --enc_layer 0:{LAYERS_DEPTH} vs dinov2 --enc_layer -1 (the same {LAYERS_DEPTH} "
+            f"blocks computed), --arch {ARCH} "
             f"(tiny ViT with {LAYERS_DEPTH} blocks, width 48), random weights, extract() defaults (2 loader workers, "
             "float16, fsync); one forward pass per batch either way, 8x the bytes written",
             featstore_s=t["many"], baseline_s=t["one"]),
