@@ -1,10 +1,12 @@
 """Shared fixtures: tiny synthetic subjects and tiny-backbone stores, built in temporary folders."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,16 @@ def subject(tmp_path_factory) -> Path:
 def fresh_subject(tmp_path) -> Path:
     """A subject a test may modify."""
     return make_sample_subject(tmp_path / "data", subj="01", n_train=6, n_test=2, seed=1)
+
+
+@cache
+def load_tool(name: str):
+    """tools/NAME.py loaded as a module, as `python tools/NAME.py` would run it (its work is under __main__)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

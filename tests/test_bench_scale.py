@@ -2,21 +2,17 @@
 --dir lacks the space, before anything is written."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from functools import cache
 from pathlib import Path
+
+from conftest import load_tool
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
 
 
-@cache
 def runner():
-    spec = importlib.util.spec_from_file_location("benchmark", BENCHMARK)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_tool("benchmark")
 
 
 def test_scale_rows_at_a_tiny_n(tmp_path, capfd):

@@ -2,12 +2,12 @@
 `meets` agrees with its ratio and target; a row judged against an impossible bound fails."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import operator
-from functools import cache
 from pathlib import Path
+
+from conftest import load_tool
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "tools" / "benchmark.py"
 ROWS = [
@@ -29,13 +29,9 @@ FORCED = {"write": "inf", "write-bytes": "0", "write-nofsync": "inf", "write-los
 BATCH_ROWS = {"batch-f32": 1.0, "batch-f32-2workers": 1.0, "batch-f16": 2.0, "loader": 2.0}  # counted: their bounds
 
 
-@cache
 def runner():
     """The runner, loaded as `python tools/benchmark.py` would run it (it puts tools/ on sys.path for its rows)."""
-    spec = importlib.util.spec_from_file_location("benchmark", BENCHMARK)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_tool("benchmark")
 
 
 def expected_meets(row: dict) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, load_tool
 from torch import nn
 from torch.utils.data import default_collate
 
@@ -184,10 +183,7 @@ def test_tool_end_to_end_with_the_guides_flags(data, capfd):
 
 
 def _tool_main():
-    spec = importlib.util.spec_from_file_location("train_encoder_tool", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return load_tool("train_encoder").main
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,26 +2,21 @@
 row's `meets` agrees with its value and bound, and the half-precision extract carries its measured error."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import operator
-from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tool
 
 GPU_BENCH = Path(__file__).resolve().parents[1] / "tools" / "gpu_bench.py"
 OPS = {">=": operator.ge, "<=": operator.le}
 
 
-@cache
 def gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", GPU_BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("gpu_bench")
 
 
 def test_gpu_bench_tiny_on_cpu(tmp_path, capfd):

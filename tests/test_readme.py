@@ -3,13 +3,13 @@ documentation and the command line cannot drift apart: `featstore ...` and `pyth
 `[--flag VALUE]` group, and each `#   --flag VALUE | VALUE` line of the flag list under the extract command."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import shlex
 from functools import cache
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -103,10 +103,7 @@ def parser(prog: str):
         from featstore.cli import build_parser
 
         return build_parser()
-    spec = importlib.util.spec_from_file_location(Path(prog).stem, ROOT / prog)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # the tools run nothing on import (their work is under __main__)
-    return module.build_parser()
+    return load_tool(Path(prog).stem).build_parser()  # the tools run nothing on import (their work is under __main__)
 
 
 NEGATED = {"--no_fsync": "durable", "--no_cache": "cache", "--no_plots": "plots", "--no_save": "save"}
