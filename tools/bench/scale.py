@@ -77,14 +77,18 @@ def drop_cache(paths: list[Path], how: str) -> str:
 
 
 def resident(paths: list[Path], most: int = 64) -> float | None:
-    """Fraction of the files' pages in the page cache (mincore on a private mapping; up to `most` files, evenly
-    spaced), to check that a cold pass starts cold; None where mincore is not available."""
+    """Fraction of the files' pages in the page cache (mincore on a read-only shared mapping made by libc's mmap: a
+    private writable one of a 29 GB file exceeds the commit limit; up to `most` files, evenly spaced), to check that a
+    cold pass starts cold; None where mincore is not available."""
     import ctypes
     import mmap
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        mincore = libc.mincore
+        libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                                  ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     except (OSError, AttributeError):
         return None
     page = mmap.PAGESIZE
@@ -95,17 +99,17 @@ def resident(paths: list[Path], most: int = 64) -> float | None:
         if size == 0:
             continue
         with open(p, "rb") as f:
-            m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
         try:
-            buf = ctypes.c_char.from_buffer(m)
-            vec = (ctypes.c_ubyte * (-(-size // page)))()
-            if mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec) != 0:
+            vec = np.zeros(-(-size // page), dtype=np.uint8)
+            if libc.mincore(addr, size, vec.ctypes.data) != 0:
                 return None
             total += len(vec)
-            hit += sum(v & 1 for v in vec)
-            del buf
+            hit += int(np.count_nonzero(vec & 1))
         finally:
-            m.close()
+            libc.munmap(addr, size)
     return hit / total if total else None
 
 
