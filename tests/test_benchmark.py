@@ -89,3 +89,17 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
     assert resume["killed"] and resume["identical"] and resume["recomputed"] <= resume["n"] - resume["done_at_kill"], resume
     assert resume["also"] == {"identical": True}
     assert resume["bound"] == -1 and not resume["meets"], resume  # a recount ratio is >= 0: it cannot meet -1
+
+
+def test_stats_row_says_its_threads_and_can_fail(tmp_path):
+    """The stats row names the threads of each side (dask's threads against the plain read's one) and, judged
+    against an impossible bound (hidden --bound), fails."""
+    bench = runner()
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--only", "stats", "--json", str(out), "--dir", str(tmp_path / "w"), "--bound", "stats=1e9"]
+    assert bench.main(argv) == 0
+    (stats,) = json.loads(out.read_text())
+    assert stats["name"] == "stats" and stats["ratio"] > 0, stats
+    assert stats["bound"] == 1e9 and not stats["meets"], stats
+    assert stats["baseline_threads"] == 1 and stats["featstore_threads"] >= 1, stats
+    assert f"{stats['featstore_threads']} threads" in stats["featstore"] and "1 thread" in stats["baseline"], stats
