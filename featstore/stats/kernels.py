@@ -2,8 +2,8 @@
 
 Float16 blocks take torch's vectorised float16 -> float32 -> float64 conversions (F16C; numpy converts float16
 element by element, several times slower) and numpy's float64 reductions on cache-sized slices; the histogram is
-torch's bincount of the raw 16-bit patterns. Float32 blocks, blocks holding inf/nan, and workers without torch take
-the numpy path (numpy's own conversion, same float64 sums).
+torch's bincount of the raw 16-bit patterns. Float32 blocks, blocks holding inf/nan, and processes that have not
+loaded torch (dask workers: see `tm`) take the numpy path (numpy's own conversion, same float64 sums).
 """
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ HIST_VALUES = 1 << 18  # 16-bit patterns per bincount call
 @functools.cache
 def kernels():
     """The functions dask runs per block. They are closures, so (cloud)pickle ships them by value: a worker
-    process never imports featstore (or what featstore imports) just to run them. numpy; torch where importable."""
+    process never imports featstore (or what featstore imports) just to run them. numpy; torch where loaded."""
+    import sys
+
     import numpy as np
 
-    try:
-        import torch
-    except ImportError:  # a worker without torch: the numpy path for every block
-        torch = None
+    def tm():
+        """torch where this process has loaded it, else None (numpy path): a dask worker is not made to import it
+        (hundreds of MB, more than a memory-limited worker may hold). feature_stats loads it for its local pass."""
+        return sys.modules.get("torch")
 
     def token_slices(T, cls_index, S):
         """(start, stop) of the patch tokens in runs of at most S tokens, the CLS token left out."""
@@ -45,26 +47,29 @@ def kernels():
 
     def bincount(codes):
         """np.bincount of int16 `codes` read as uint16, 65536 bins; torch's is ~1.5x faster."""
-        if torch is None:
+        if tm() is None:
             return np.bincount(codes.view(np.uint16), minlength=65536)
         wide = codes.view(np.uint16).astype(np.int32)  # numpy's cast: torch's would start its own threads
-        return torch.bincount(torch.from_numpy(wide), minlength=65536).numpy()
+        return tm().bincount(tm().from_numpy(wide), minlength=65536).numpy()
 
-    def buffers(S, C, n_rows):
-        """Working slices (float32 and float64, as torch tensors and numpy views) and per-slice result rows."""
+    def buffers(S, C, n_rows, fast):
+        """Working slices (float64; with torch float32 and float64 tensors whose numpy views they are) and
+        per-slice result rows."""
+        bufs = {"d": np.empty((S, C)), "q": np.empty((S, C)), "rows": np.empty((4, n_rows, C))}  # rows: per
+        # slice, min, max, sum, sum of squares
+        if not fast:
+            return bufs | {"x": np.empty((S, C))}
+        torch = tm()
         t32, t64 = torch.empty((S, C)), torch.empty((S, C), dtype=torch.float64)
-        bufs = {"t32": t32, "t64": t64, "x": t64.numpy(), "d": np.empty((S, C)), "q": np.empty((S, C))}
-        bufs["rows"] = np.empty((4, n_rows, C))  # per slice: min, max, sum, sum of squares
-        bufs["ends"] = torch.empty((2, n_rows, C))  # min, max of the float32 slices (fast path)
-        return bufs
+        return bufs | {"t32": t32, "t64": t64, "x": t64.numpy(), "ends": torch.empty((2, n_rows, C))}
 
     def slice_f64(b, src, k, j):
         """float16 tokens `src` (a torch view) -> b["x"][:k] float64, through float32 (both exact); their
         min and max (on the float32 copy: half the bytes) into row j."""
         x32 = b["t32"][:k]
         x32.copy_(src)
-        torch.amin(x32, 0, out=b["ends"][0, j])
-        torch.amax(x32, 0, out=b["ends"][1, j])
+        tm().amin(x32, 0, out=b["ends"][0, j])
+        tm().amax(x32, 0, out=b["ends"][1, j])
         b["t64"][:k].copy_(x32)
         return b["x"][:k]
 
@@ -92,11 +97,11 @@ def kernels():
         n, T, C = block.shape
         S = max(1, SLICE_VALUES // C)
         slices = token_slices(T, cls_index, S)
-        b = buffers(S, C, n * len(slices))
+        b = buffers(S, C, n * len(slices), fast)
         norms = np.empty((n, T))
         to_f64 = slice_f64 if fast else slice_numpy
         for i in range(n):
-            src = torch.from_numpy(block[i]) if fast else block[i]
+            src = tm().from_numpy(block[i]) if fast else block[i]
             for j, (t0, t1) in enumerate(slices, start=i * len(slices)):
                 x = to_f64(b, src[t0:t1], t1 - t0, j)
                 reduce_slice(b, x, shift, j, norms[i, t0:t1])
@@ -107,7 +112,7 @@ def kernels():
 
     def patch_partials(block, cls_index, shift):
         """patch_pass on the fast path where it is exact: a float16 block without inf/nan, torch present."""
-        fast = torch is not None and block.dtype == np.float16 and block.flags.writeable
+        fast = tm() is not None and block.dtype == np.float16 and block.flags.writeable
         if fast:
             lo, hi, s1, s2, norms = patch_pass(block, cls_index, shift, fast=True)
             if np.isfinite(lo).all() and np.isfinite(hi).all():
@@ -149,8 +154,8 @@ def kernels():
     def centre(block, mean):
         """(rows, C) block -> float64 block minus the channel means (for the PCA)."""
         out = np.empty(block.shape)
-        if torch is not None and block.dtype == np.float16 and block.flags.writeable:
-            torch.from_numpy(out).copy_(torch.from_numpy(block).float())
+        if tm() is not None and block.dtype == np.float16 and block.flags.writeable:
+            tm().from_numpy(out).copy_(tm().from_numpy(block).float())
         else:
             np.copyto(out, block)
         out -= mean

@@ -2,8 +2,8 @@
 
 What is computed (`feature_stats`), separately for the CLS token and for the patch tokens (every other token):
 - per-channel mean, population std (ddof=0), min and max over (image, token). Values are converted exactly to
-  float64 (float16 through torch's vectorised float16 -> float32 -> float64 casts; float32, inf/nan and workers
-  without torch through numpy's) and summed in float64 after subtracting a per-channel shift (image 0's patch mean rounded to the stored
+  float64 (float16 through torch's vectorised float16 -> float32 -> float64 casts; float32, inf/nan and
+  dask.distributed workers, which are not made to load torch, through numpy's) and summed in float64 after subtracting a per-channel shift (image 0's patch mean rounded to the stored
   dtype): var = S2/n - (S1/n)**2 of the shifted values, so channels with a large constant offset (ViTs' "massive
   activations") keep full precision. Float32 stores agree with numpy float64 to ~1e-15 relative.
 - the L2 norm of every token (float64), kept as an (N, T) array (1/192 of a float16 array's size): the mean norm
@@ -27,13 +27,12 @@ Scheduling: tasks of whole storage chunks along the image axis, ~100 MB each (co
 C), fewer rows where that makes under MIN_TASKS tasks; the local threaded scheduler (torch at one intra-op thread
 meanwhile), a `distributed.LocalCluster` (`workers=N`) or an existing cluster
 (`scheduler=ADDRESS`), set up by featstore._dask. Peak memory is a few tasks plus the (N, T) norms. Inside a task the work runs on cache-sized float64 slices of 32768 values.
-The per-block kernels are shipped by value, so workers need numpy, dask and zarr, not featstore; torch where
-present makes float16 faster.
+The per-block kernels are shipped by value, so workers need numpy, dask and zarr, not featstore (nor torch,
+which speeds float16 up in the process that has loaded it: the local pass).
 """
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 import uuid
 from dataclasses import fields, replace
@@ -89,8 +88,12 @@ def _one_torch_thread(local: bool):
     """Torch's intra-op threads at 1 while dask's local threads run the kernels in this process (restored after):
     dask already keeps every core busy, and idle OpenMP threads spinning next to them cost a 2-core machine a
     third of its time. dask.distributed's workers start with OMP_NUM_THREADS=1 already."""
-    torch = sys.modules.get("torch") if local else None
-    if torch is None:
+    if not local:
+        yield
+        return
+    try:
+        import torch  # the kernels' float16 fast path in this process
+    except ImportError:
         yield
         return
     before = torch.get_num_threads()
