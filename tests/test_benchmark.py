@@ -25,7 +25,8 @@ INFO = {"extract-tiny", "read", "read-2workers", "startup-time", "startup-rss", 
 FORCED = {"write": "inf", "write-bytes": "0", "write-nofsync": "inf", "write-lossless": "inf",
           "write-lossless-bytes": "0", "extract": "0", "startup-time-memmap": "0", "startup-100-memmap": "inf",
           "resume": "-1", "resume-noop": "0", "layers-rss": "-1e9", "batch-f32": "1e9",
-          "batch-f32-2workers": "1e9", "batch-f16": "1e9", "loader": "1e9", "write-24": "1e9"}
+          "batch-f32-2workers": "1e9", "batch-f16": "1e9", "loader": "1e9", "write-24": "1e9",
+          "stats": "1e9"}
 BATCH_ROWS = {"batch-f32": 1.0, "batch-f32-2workers": 1.0, "batch-f16": 2.0, "loader": 2.0}  # counted: their bounds
 
 
@@ -118,6 +119,9 @@ def test_benchmark_quick_reports_and_judges_every_row(tmp_path, capfd):
     assert w24["bound"] == 1e9 and not w24["meets"] and w24["arrays"] == 24, w24
     assert math.isclose(w24["ratio"], w24["featstore_gbs"] / w24["baseline_gbs"]) and w24["disk_gbs"] > 0, w24
     assert f"{w24['disk_gbs']:.2f} GB/s" in w24["notes"], w24
+    stats = by_name["stats"]  # names the threads of each side: dask's against the plain read's one
+    assert stats["baseline_threads"] == 1 and stats["featstore_threads"] >= 1, stats
+    assert f"{stats['featstore_threads']} threads" in stats["featstore"] and "1 thread" in stats["baseline"], stats
 
 
 def test_bytes_rows_fail_on_more_bytes_than_the_dtype_allows(tmp_path):

@@ -297,3 +297,23 @@ def test_channel_table_lists_constant_channels_apart(tmp_path, dtype):
     patch_const, cls_const = rows["constant (std < 4 ulp)"]
     assert patch_top.startswith("5:") and cls_top == "-"
     assert patch_const == "0" and cls_const.startswith(f"{C} (0, 1, 2")
+
+
+def test_adversarial_float16_values_match_numpy_float64(tmp_path):
+    """Float16 values that break float32 sums: massive-activation channels (+-60000 next to subnormals), a
+    channel at 300 with steps of its ulp, values spanning every binade; the shift is far from most of them. The
+    fast path (torch's conversion, float64 sums) matches numpy float64, and torch's thread count is restored."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    grid, C, N = (4, 5), 24, 9
+    x = rng.standard_normal((N, 21, C)) * np.exp2(rng.integers(-24, 15, (N, 21, C)))
+    x[:, :, 0] = rng.choice([60000.0, -60000.0, 6e-8, -6e-8, 0.0], (N, 21))
+    x[:, :, 1] = 300.0 + 0.25 * rng.integers(-3, 4, (N, 21))
+    x[0, :, 2] = 65504.0  # image 0 sets the shift: far from the rest of its channel
+    x[1:, :, 2] = rng.standard_normal((N - 1, 21)) * 1e-3
+    x = np.clip(x, -65504, 65504).astype(np.float16)
+    make_array(tmp_path / "s.zarr", "adv", x, grid=grid, chunk=3)
+    before = torch.get_num_threads()
+    r = feature_stats(tmp_path / "s.zarr", "adv", "01", "train", task_mb=0.005, save=False)
+    assert torch.get_num_threads() == before
+    check_against_numpy(r, x, grid, rtol=1e-12)

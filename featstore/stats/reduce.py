@@ -2,7 +2,8 @@
 
 What is computed (`feature_stats`), separately for the CLS token and for the patch tokens (every other token):
 - per-channel mean, population std (ddof=0), min and max over (image, token). Values are converted exactly to
-  float64 and summed in float64 after subtracting a per-channel shift (image 0's patch mean rounded to the stored
+  float64 (float16 through torch's vectorised float16 -> float32 -> float64 casts; float32, inf/nan and
+  dask.distributed workers, which are not made to load torch, through numpy's) and summed in float64 after subtracting a per-channel shift (image 0's patch mean rounded to the stored
   dtype): var = S2/n - (S1/n)**2 of the shifted values, so channels with a large constant offset (ViTs' "massive
   activations") keep full precision. Float32 stores agree with numpy float64 to ~1e-15 relative.
 - the L2 norm of every token (float64), kept as an (N, T) array (1/192 of a float16 array's size): the mean norm
@@ -13,7 +14,7 @@ What is computed (`feature_stats`), separately for the CLS token and for the pat
   threshold, count, share of patch tokens, share of images with at least one, share per grid position.
 - value histogram: values are counted by their float16 bit pattern (65536 bins, fixed before the pass; exact for
   float16 stores, float32 stores are counted at float16 resolution, beyond its range as +-inf). As those counts are
-  exact, the reported 256 uniform bins take their range after the pass: [q(1e-4), q(1 - 1e-4)] of the counted
+  exact (a bincount of the raw 16-bit patterns), the reported 256 uniform bins take their range after the pass: [q(1e-4), q(1 - 1e-4)] of the counted
   values, so a few extreme values do not squeeze the bulk into one bin; values outside go to `below`/`above`.
   Counting costs as much as everything else together, so it counts every k-th image (0, k, 2k, ...), with
   k = max(1, N // 256): all images of an array below 512 images, at least 256 images otherwise (`hist_every=1`:
@@ -23,12 +24,15 @@ What is computed (`feature_stats`), separately for the CLS token and for the pat
   more times; it keeps an (N*(T-1), K+10) float64 matrix in (cluster) memory.
 
 Scheduling: tasks of whole storage chunks along the image axis, ~100 MB each (config `stats.task_mb`; full T and
-C); the local threaded scheduler, a `distributed.LocalCluster` (`workers=N`) or an existing cluster
-(`scheduler=ADDRESS`), set up by featstore._dask. Peak memory is a few tasks plus the (N, T) norms. Inside a task the work runs on cache-sized float64 slices of 64 tokens. The
-per-block kernels are shipped by value, so workers need numpy, dask and zarr, not featstore (nor torch).
+C), fewer rows where that makes under MIN_TASKS tasks; the local threaded scheduler (torch at one intra-op thread
+meanwhile), a `distributed.LocalCluster` (`workers=N`) or an existing cluster
+(`scheduler=ADDRESS`), set up by featstore._dask. Peak memory is a few tasks plus the (N, T) norms. Inside a task the work runs on cache-sized float64 slices of 32768 values.
+The per-block kernels are shipped by value, so workers need numpy, dask and zarr, not featstore (nor torch,
+which speeds float16 up in the process that has loaded it: the local pass).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import fields, replace
@@ -44,12 +48,13 @@ from ..config import config as settings
 from ..errors import BadArgumentError
 from ..storage import FeatureArray, FeatureStore
 from .config import StatsConfig
-from .kernels import SLICE_TOKENS, kernels
+from .kernels import kernels
 from .persist import HIST_QUANTILES, open_for_saving, save_stats
 
 HIST_BINS = 256
 HIST_IMAGES = 256  # the histogram counts every k-th image, k = max(1, N // 256): all images of a small array
 PCA_OVERSAMPLES = 10
+MIN_TASKS = 8  # the pass makes at least this many tasks where the array has that many storage units
 _MAD_TO_SIGMA = 1.4826  # MAD of a Gaussian times this is its sigma
 
 
@@ -64,7 +69,7 @@ def _one_pass(x: da.Array, cls_index: int, shift_patch, shift_cls, hist_every: i
     starts = np.cumsum((0,) + x.chunks[0][:-1])
     parts = [
         dask.delayed(block_stats, nout=2, pure=False)(
-            b, int(s), cls_index, sp, sc, SLICE_TOKENS, hist_every, dask_key_name=f"{prefix}{i}"
+            b, int(s), cls_index, sp, sc, hist_every, dask_key_name=f"{prefix}{i}"
         )
         for i, (b, s) in enumerate(zip(x.to_delayed().ravel(), starts))
     ]
@@ -72,9 +77,38 @@ def _one_pass(x: da.Array, cls_index: int, shift_patch, shift_cls, hist_every: i
     while len(level) > 1:
         level = [dask.delayed(merge, pure=False)(*level[j : j + 8]) for j in range(0, len(level), 8)]
     norms = [p[1] for p in parts]
-    with tqdm(total=len(parts), desc=desc, unit="task", disable=None if progress else True) as bar:
+    with tqdm(total=len(parts), desc=desc, unit="task", disable=None if progress else True) as bar, \
+            _one_torch_thread(client is None):
         total, *blocks = _dask.compute([level[0], *norms], client, bar, prefix)
     return total, np.concatenate(blocks, axis=0)
+
+
+@contextlib.contextmanager
+def _one_torch_thread(local: bool):
+    """Torch's intra-op threads at 1 while dask's local threads run the kernels in this process (restored after):
+    dask already keeps every core busy, and idle OpenMP threads spinning next to them cost a 2-core machine a
+    third of its time. dask.distributed's workers start with OMP_NUM_THREADS=1 already."""
+    if not local:
+        yield
+        return
+    try:
+        import torch  # the kernels' float16 fast path in this process
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _balanced_rows(fa: FeatureArray, rows: int) -> int:
+    """Rows per task, lowered so that a small array still makes MIN_TASKS tasks (whole storage units): 3 tasks of
+    100 MB on 2 threads leave one thread idle for a third of the pass."""
+    units = -(-fa.shape[0] // fa.chunk_len)
+    return min(rows, fa.chunk_len * max(1, -(-units // MIN_TASKS)))
 
 
 def _finish(acc: dict, shift: np.ndarray) -> dict[str, np.ndarray]:
@@ -227,7 +261,7 @@ def feature_stats(
         shift_patch = np.nan_to_num(first[patch].mean(axis=0).astype(fa.dtype).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     shift_cls = np.nan_to_num(first[ci], nan=0.0, posinf=0.0, neginf=0.0)
 
-    rows = _dask.task_rows(fa, fa.dtype.itemsize, task_mb)
+    rows = _balanced_rows(fa, _dask.task_rows(fa, fa.dtype.itemsize, task_mb))
     x = _dask.blocks_of(fa, rows)
     with _dask.client(scheduler, workers) as client, _dask.corrupt_chunks_named(fa):
         t1 = time.perf_counter()
