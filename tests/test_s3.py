@@ -140,8 +140,11 @@ def test_stats_saved_in_the_bucket(made):
     loaded = load_feature_stats(made.url, *ARR)
     for r in (remote, loaded):
         for part in ("patch", "cls"):
-            for f in ("mean", "std", "min", "max"):
+            for f in ("min", "max"):
                 np.testing.assert_array_equal(r[part][f], local[part][f])
+            for f in ("mean", "std"):  # tasks follow the storage units (--pack 4: 4 images), so float64 sums group
+                # differently than in the unpacked local store: equal up to the last bits
+                np.testing.assert_allclose(r[part][f], local[part][f], rtol=1e-13, atol=1e-15)
         np.testing.assert_array_equal(r["token_norm"], local["token_norm"])
         np.testing.assert_array_equal(r["hist"]["counts"], local["hist"]["counts"])
 
