@@ -24,7 +24,7 @@ INFO = {"extract-tiny", "read", "read-2workers", "startup-time", "startup-rss", 
 # counted rows judged against an impossible bound in the quick run: each must then fail
 FORCED = {"write": "inf", "write-bytes": "0", "write-nofsync": "inf", "write-lossless": "inf",
           "write-lossless-bytes": "0", "extract": "0", "startup-time-memmap": "0", "startup-100-memmap": "inf",
-          "resume": "-1", "resume-noop": "0", "layers-rss": "-1e9", "batch-f32": "1e9",
+          "resume": "-1", "resume-noop": "0", "layers": "0", "layers-rss": "-1e9", "batch-f32": "1e9",
           "batch-f32-2workers": "1e9", "batch-f16": "1e9", "loader": "1e9", "write-24": "1e9",
           "stats": "1e9"}
 BATCH_ROWS = {"batch-f32": 1.0, "batch-f32-2workers": 1.0, "batch-f16": 2.0, "loader": 2.0}  # counted: their bounds
