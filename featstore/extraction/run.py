@@ -5,9 +5,7 @@ One forward pass per batch yields every requested (variant, layer); each array r
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -15,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._progress import tqdm
+from ..devices import one_torch_thread
 from ..errors import CorruptImageError, Float16OverflowError, Interrupted, Terminated
 from ..storage import FeatureArray
 from .images import ImageFiles, collate, quiet_worker
@@ -157,7 +156,7 @@ def write_batches(arrays: list[FeatureArray], todo: dict[str, list[int]],
         for idx, ys in batches:
             idx_arr = np.asarray(idx)
             sels = {fa.path: need[fa.path][idx_arr] for fa in arrays}
-            with torch.inference_mode(), one_thread():  # every output of the batch first, then the queue
+            with torch.inference_mode(), one_torch_thread():  # every output of the batch first, then the queue
                 stored = [(fa, _stored_rows(fa, ys[fa.feature], sels[fa.path], idx_arr, tdtype, names))
                           for fa in arrays if sels[fa.path].any()]
             for fa, rows in stored:
@@ -192,27 +191,6 @@ def _stored_rows(fa: FeatureArray, y: torch.Tensor, sel: np.ndarray, idx: np.nda
             "float16 range (65504); rerun with --dtype float32 (and --overwrite)"
         )
     return y.cpu().numpy()
-
-
-_threads_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch's CPU operations in this block on one thread. The conversions after a forward pass are tiny parallel
-    regions: on a loaded machine each waits for a descheduled team thread (25 ms instead of 0.1 ms for a (16, 962,
-    48) batch on 2 busy cores), and with many outputs these waits added up to more than the writing."""
-    import torch
-
-    with _threads_lock:
-        before = torch.get_num_threads()
-        if before > 1:
-            torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            if before > 1:
-                torch.set_num_threads(before)
 
 
 def has_inf(y: torch.Tensor) -> bool:

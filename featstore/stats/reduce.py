@@ -45,6 +45,7 @@ import numpy as np
 
 from .. import _dask
 from ..config import config as settings
+from ..devices import one_torch_thread
 from ..errors import BadArgumentError
 from ..storage import FeatureArray, FeatureStore
 from .config import StatsConfig
@@ -77,31 +78,12 @@ def _one_pass(x: da.Array, cls_index: int, shift_patch, shift_cls, hist_every: i
     while len(level) > 1:
         level = [dask.delayed(merge, pure=False)(*level[j : j + 8]) for j in range(0, len(level), 8)]
     norms = [p[1] for p in parts]
-    with tqdm(total=len(parts), desc=desc, unit="task", disable=None if progress else True) as bar, \
-            _one_torch_thread(client is None):
+    # the kernels' float16 fast path uses torch where this process has loaded it (one_torch_thread loads it), at one
+    # intra-op thread: dask's local threads are the parallelism (distributed workers start with OMP_NUM_THREADS=1)
+    threads = one_torch_thread() if client is None else contextlib.nullcontext()
+    with tqdm(total=len(parts), desc=desc, unit="task", disable=None if progress else True) as bar, threads:
         total, *blocks = _dask.compute([level[0], *norms], client, bar, prefix)
     return total, np.concatenate(blocks, axis=0)
-
-
-@contextlib.contextmanager
-def _one_torch_thread(local: bool):
-    """Torch's intra-op threads at 1 while dask's local threads run the kernels in this process (restored after):
-    dask already keeps every core busy, and idle OpenMP threads spinning next to them cost a 2-core machine a
-    third of its time. dask.distributed's workers start with OMP_NUM_THREADS=1 already."""
-    if not local:
-        yield
-        return
-    try:
-        import torch  # the kernels' float16 fast path in this process
-    except ImportError:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _balanced_rows(fa: FeatureArray, rows: int) -> int:
